@@ -1,0 +1,37 @@
+# coreml-split: the two commands a user needs are `make convert` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+MODELS ?= models
+OUT    ?= build
+
+.PHONY: convert plan test lint demo-zoo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo-zoo: $(STAMP)
+	@if [ -z "$$(find $(MODELS) -name '*.h5' -o -name '*.hdf5' 2>/dev/null | head -n 1)" ]; then \
+		echo "$(MODELS)/ holds no .h5 files: building the demo zoo"; \
+		$(BIN)/python scripts/make_demo_zoo.py $(MODELS); \
+	fi
+
+convert: demo-zoo
+	$(BIN)/coreml-split convert $(MODELS) --out $(OUT)
+
+plan: $(STAMP)
+	$(BIN)/coreml-split plan $(MODELS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff format convert scripts tests
+	$(BIN)/ruff check convert scripts tests
+
+clean:
+	rm -rf $(OUT)

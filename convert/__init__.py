@@ -1,0 +1,3 @@
+"""coreml-split: one Core ML backbone, many linked classifier pipelines."""
+
+__version__ = "0.1.0"
