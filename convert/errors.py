@@ -1,0 +1,26 @@
+"""Errors that reach the user as one line: the file, then the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SplitError(Exception):
+    """A problem with one input file. ``str()`` is the whole one-line message."""
+
+    def __init__(self, path: str | Path | None, reason: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.reason = " ".join(str(reason).split())  # one line, whatever the cause said
+        super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
+
+
+class ModelFileError(SplitError):
+    """The .h5 file cannot be read, or is not a classifier we can split."""
+
+
+class LabelsError(SplitError):
+    """The labels file is missing lines, or their count does not match the model."""
+
+
+class ConversionError(SplitError):
+    """coremltools (or Keras) refused the model while converting it."""

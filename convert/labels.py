@@ -1,0 +1,56 @@
+"""Class labels: ``<model>.labels.txt`` beside the model, or Teachable Machine's ``labels.txt``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from convert.errors import LabelsError
+
+_NUMBERED = re.compile(r"^(\d+)\s+(.*\S)\s*$")
+
+
+def labels_file_for(model_path: Path) -> Path | None:
+    """``foo.labels.txt`` for ``foo.h5``; else ``labels.txt`` in the same folder; else None."""
+    own = model_path.with_name(model_path.stem + ".labels.txt")
+    if own.is_file():
+        return own
+    shared = model_path.with_name("labels.txt")
+    return shared if shared.is_file() else None
+
+
+def read_labels(path: Path) -> list[str]:
+    """One label per non-empty line. Teachable Machine's ``0 Name`` lines lose their numbers."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelsError(path, f"cannot read labels: {exc}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise LabelsError(path, "labels file is empty")
+    numbered = [_NUMBERED.match(line) for line in lines]
+    if path.name == "labels.txt" and all(numbered):
+        indices = [int(m.group(1)) for m in numbered if m]
+        if indices != list(range(len(lines))):
+            raise LabelsError(path, f"numbered labels are not 0..{len(lines) - 1} in order")
+        lines = [m.group(2) for m in numbered if m]
+    if len(set(lines)) != len(lines):
+        dupes = sorted({x for x in lines if lines.count(x) > 1})
+        raise LabelsError(path, f"duplicate labels: {', '.join(dupes[:5])}")
+    return lines
+
+
+def resolve_labels(model_path: Path, num_classes: int | None) -> tuple[list[str], str | None]:
+    """Labels for a model and where they came from. Checks the count against the output size."""
+    source = labels_file_for(model_path)
+    if source is None:
+        if num_classes is None:
+            raise LabelsError(model_path, "output size unknown and no labels file to count")
+        return [f"class_{i}" for i in range(num_classes)], None
+    labels = read_labels(source)
+    if num_classes is not None and len(labels) != num_classes:
+        raise LabelsError(
+            source,
+            f"has {len(labels)} labels but {model_path.name} outputs {num_classes} classes",
+        )
+    return labels, str(source)
