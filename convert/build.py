@@ -1,0 +1,187 @@
+"""Carrying out a plan: convert each group's backbone once, then every head, and write the files.
+
+Only one Keras model is held in memory at a time. A failure is recorded against the files it
+concerns and the rest of the zoo still converts.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from convert import emit
+from convert.errors import SplitError
+from convert.families import PREPROCESSING
+from convert.graph import Graph
+from convert.plan import ErrorEntry, GroupPlan, ModelPlan, Plan
+from convert.report import BackboneReport, ClassifierReport, Report
+
+Progress = Callable[[str], None]
+
+
+def build(
+    plan: Plan, graphs: dict[str, Graph], out: Path, progress: Progress | None = None
+) -> Report:
+    say = progress or (lambda _msg: None)
+    report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = len(plan.groups) + sum(1 for m in plan.models if m.group is None)
+    step = 0
+    for group in plan.groups:
+        step += 1
+        say(f"[{step}/{steps}] {group.id}: backbone once, then {len(group.members)} heads")
+        _build_group(plan, group, graphs, out, report, say)
+    for model in plan.models:
+        if model.group is None:
+            step += 1
+            say(f"[{step}/{steps}] {model.name}: standalone ({model.standalone_reason})")
+            _build_standalone(model, graphs[model.name], out, report)
+    return report
+
+
+def _load(graph: Graph):
+    from convert.keras_exec import layer_objects, load_keras_model
+
+    model = load_keras_model(graph)
+    return model, layer_objects(model, graph)
+
+
+def _release() -> None:
+    """Drop Keras' global state between models so memory does not grow with the zoo."""
+    from convert.heavy import keras
+
+    keras(3).backend.clear_session()
+    keras(2).backend.clear_session()
+    gc.collect()
+
+
+def _build_group(
+    plan: Plan, group: GroupPlan, graphs: dict[str, Graph], out: Path, report: Report, say: Progress
+) -> None:
+    backbone_file = f"{group.id}.mlmodel"
+    backbone = None
+    pre = PREPROCESSING[group.preprocessing]
+    for index, name in enumerate(group.members):
+        model, graph = plan.model(name), graphs[name]
+        started = time.perf_counter()
+        try:
+            _keras_model, objects = _load(graph)
+            if backbone is None:
+                backbone = emit.convert_backbone(graph, objects, model, group)
+                emit.describe(
+                    backbone,
+                    f"{group.family} backbone shared by {len(group.members)} classifiers "
+                    f"(split after {group.split_layer})",
+                    {
+                        "role": "backbone",
+                        "fingerprint": group.fingerprint,
+                        "preprocessing": group.preprocessing,
+                        "members": ",".join(group.members),
+                    },
+                    pre,
+                )
+                size = emit.write_atomic(out / backbone_file, emit.serialise(backbone))
+                report.backbones.append(
+                    BackboneReport(
+                        id=group.id,
+                        file=backbone_file,
+                        bytes=size,
+                        parameters=group.backbone_parameters,
+                        members=list(group.members),
+                        split_layer=group.split_layer,
+                        preprocessing=group.preprocessing,
+                    )
+                )
+            head = emit.convert_head(graph, objects, model)
+            report.classifiers.append(
+                _emit_pipeline(model, group, backbone, head, backbone_file, out)
+            )
+            say(f"    {name}: {time.perf_counter() - started:.1f}s")
+        except SplitError as exc:
+            report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+            if backbone is None and "backbone" in exc.reason:
+                for other in group.members[index + 1 :]:
+                    report.errors.append(
+                        ErrorEntry(
+                            plan.model(other).source,
+                            f"not converted: its shared backbone {group.id} failed to convert",
+                        )
+                    )
+                return
+        finally:
+            _release()
+
+
+def _emit_pipeline(
+    model: ModelPlan, group: GroupPlan, backbone, head, backbone_file: str, out: Path
+) -> ClassifierReport:
+    pre = PREPROCESSING[model.preprocessing]
+    source = Path(model.source)
+    user = {
+        "role": "head",
+        "source": source.name,
+        "source_sha256": emit.file_sha256(source),
+        "labels": emit.labels_metadata(model.labels),
+    }
+    emit.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
+    stub = emit.make_stub(backbone, backbone_file)
+    pipeline = emit.make_pipeline(stub, head)
+    emit.describe(
+        pipeline,
+        f"{model.name}: {model.num_classes}-class image classifier on the shared {group.family} "
+        f"backbone {emit.compiled_name(backbone_file)}",
+        user | {"role": "pipeline", "backbone": backbone_file, "split_layer": model.split_layer or ""},
+        pre,
+    )
+    merged = emit.merge_standalone(backbone, head)
+    emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
+    file = f"{model.name}.mlmodel"
+    size = emit.write_atomic(out / file, emit.serialise(pipeline))
+    return ClassifierReport(
+        name=model.name,
+        source=model.source,
+        group=group.id,
+        file=file,
+        bytes=size,
+        head_bytes=len(emit.serialise(head)),
+        standalone_bytes=len(emit.serialise(merged)),
+        classes=model.num_classes,
+    )
+
+
+def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report) -> None:
+    try:
+        _keras_model, objects = _load(graph)
+        spec = emit.convert_standalone(graph, objects, model)
+        source = Path(model.source)
+        emit.describe(
+            spec,
+            f"{model.name}: {model.num_classes}-class image classifier (standalone)",
+            {
+                "role": "standalone",
+                "source": source.name,
+                "source_sha256": emit.file_sha256(source),
+                "labels": emit.labels_metadata(model.labels),
+            },
+            PREPROCESSING[model.preprocessing],
+        )
+        file = f"{model.name}.mlmodel"
+        size = emit.write_atomic(out / file, emit.serialise(spec))
+        report.classifiers.append(
+            ClassifierReport(
+                name=model.name,
+                source=model.source,
+                group=None,
+                file=file,
+                bytes=size,
+                head_bytes=size,
+                standalone_bytes=size,
+                classes=model.num_classes,
+            )
+        )
+    except SplitError as exc:
+        report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+    finally:
+        _release()

@@ -1,0 +1,141 @@
+"""The command line: ``coreml-split plan`` and ``coreml-split convert``. Only argument handling,
+printing and exit codes live here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from convert import __version__
+from convert.errors import SplitError
+from convert.families import PREPROCESSING
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coreml-split",
+        description="Split Keras classifiers that share a frozen backbone into one Core ML "
+        "backbone plus one linked pipeline per classifier.",
+    )
+    parser.add_argument("--version", action="version", version=f"coreml-split {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("models", type=Path, help="a folder of .h5 files (searched recursively)")
+    common.add_argument(
+        "--preprocess",
+        action="append",
+        default=[],
+        metavar="[MODEL=]MODE",
+        help="input preprocessing, for all models or one (by name or file name). "
+        f"MODE is one of: {', '.join(f'{k} ({v.description})' for k, v in PREPROCESSING.items())}."
+        " Default: inferred from the backbone family; Teachable Machine uses tf.",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+
+    sub.add_parser(
+        "plan", parents=[common], help="show which models share which backbone (no TensorFlow)"
+    )
+    convert = sub.add_parser("convert", parents=[common], help="write the Core ML files")
+    convert.add_argument("--out", type=Path, default=Path("build"), help="output folder")
+    return parser
+
+
+def _preprocessing(values: list[str]) -> tuple[dict[str, str], str | None]:
+    per_model: dict[str, str] = {}
+    default = None
+    for value in values:
+        name, _, mode = value.rpartition("=")
+        if mode not in PREPROCESSING:
+            raise SplitError(None, f"--preprocess {value}: unknown mode '{mode}'")
+        if name:
+            per_model[name] = mode
+        else:
+            default = mode
+    return per_model, default
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else 140  # pipes and CI logs get whole tables
+    out = Console(width=width)
+    err = Console(stderr=True, soft_wrap=True)
+    try:
+        per_model, default = _preprocessing(args.preprocess)
+        from convert.plan import make_plan
+
+        started = time.perf_counter()
+        plan, graphs = make_plan(args.models, per_model, default)
+        if args.command == "plan":
+            return _plan_command(plan, args, out, err, time.perf_counter() - started)
+        return _convert_command(plan, graphs, args, out, err)
+    except SplitError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return EXIT_USAGE
+
+
+def _print_errors(errors, err) -> None:
+    for e in errors:
+        err.print(f"error: {e.line}", markup=False, highlight=False)
+
+
+def _plan_command(plan, args, out, err, seconds: float) -> int:
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+    elif not args.quiet:
+        from convert.report import groups_table, plan_table
+
+        out.print(plan_table(plan))
+        if plan.groups:
+            out.print(groups_table(plan))
+        out.print(
+            f"{len(plan.models)} models, {len(plan.groups)} shared backbone(s), "
+            f"{sum(1 for m in plan.models if m.group is None)} standalone; "
+            f"planned in {seconds:.1f}s"
+        )
+    _print_errors(plan.errors, err)
+    if not plan.models and not plan.errors:
+        err.print(f"error: {args.models}: no .h5 models found", markup=False)
+        return EXIT_FAILED
+    return EXIT_FAILED if plan.errors else EXIT_OK
+
+
+def _convert_command(plan, graphs, args, out, err) -> int:
+    from convert.build import build
+    from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
+
+    if not plan.models:
+        _print_errors(plan.errors, err)
+        if not plan.errors:
+            err.print(f"error: {args.models}: no .h5 models found", markup=False)
+        return EXIT_FAILED
+    show = not (args.quiet or args.json)
+    if show:
+        out.print(plan_table(plan))
+        if plan.groups:
+            out.print(groups_table(plan))
+    started = time.perf_counter()
+    progress = (lambda msg: err.print(msg, markup=False, highlight=False)) if show else None
+    report = build(plan, graphs, args.out, progress)
+    write_reports(report, args.out)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    elif show:
+        out.print(size_table(report))
+        out.print(summary_line(report))
+        out.print(f"wrote {args.out}/ in {time.perf_counter() - started:.1f}s "
+                  f"(report: {args.out / 'report.md'})")
+    _print_errors(report.errors, err)
+    return EXIT_FAILED if report.errors else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

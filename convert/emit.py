@@ -1,0 +1,388 @@
+"""Doing: turn a plan into Core ML files.
+
+One backbone NeuralNetwork per group (converted once), and per classifier a PipelineClassifier
+of [LinkedModel stub -> NeuralNetworkClassifier head]. Everything that touches protobufs lives
+here; what to build was decided in :mod:`convert.plan`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from convert import __version__
+from convert.errors import ConversionError
+from convert.families import PREPROCESSING, Preprocessing
+from convert.heavy import coremltools, tensorflow
+from convert.plan import GroupPlan, ModelPlan
+
+SPEC_VERSION = 4  # iOS 13 / macOS 10.15: the minimum for linked models
+IMAGE = "image"
+FEATURES = "features"
+CLASS_LABEL = "classLabel"
+CLASS_PROBS = "classLabelProbs"
+SEARCH_PATH = ".:$BUNDLE_MAIN"
+TOOL = f"coreml-split {__version__}"
+
+
+def _proto():
+    coremltools()
+    from coremltools.proto import FeatureTypes_pb2, Model_pb2
+
+    return Model_pb2, FeatureTypes_pb2
+
+
+# -- conversion with coremltools --------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_coremltools():
+    """coremltools logs and warns a lot on TF 2.21; keep the user's terminal readable."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _ct_convert(source: Path, what: str, function: Any, inputs: list[Any], **kwargs: Any) -> Any:
+    ct = coremltools()
+    try:
+        with _quiet_coremltools():
+            mlmodel = ct.convert(
+                [function],
+                source="tensorflow",
+                inputs=inputs,
+                convert_to="neuralnetwork",
+                minimum_deployment_target=ct.target.iOS13,
+                **kwargs,
+            )
+    except Exception as exc:  # coremltools raises anything from NotImplementedError to KeyError
+        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
+        raise ConversionError(source, f"coremltools cannot convert the {what}: {text}") from None
+    return mlmodel.get_spec()
+
+
+def image_type(preprocessing: Preprocessing, hwc: list[int]) -> Any:
+    ct = coremltools()
+    h, w, c = hwc
+    if c == 1:
+        return ct.ImageType(
+            name=IMAGE,
+            shape=(1, h, w, 1),
+            scale=preprocessing.scale,
+            bias=preprocessing.bias[0],
+            color_layout=ct.colorlayout.GRAYSCALE,
+        )
+    r, g, b = preprocessing.bias
+    return ct.ImageType(
+        name=IMAGE,
+        shape=(1, h, w, 3),
+        scale=preprocessing.scale,
+        bias=[b, g, r] if preprocessing.bgr else [r, g, b],  # coremltools reads it in layout order
+        color_layout=ct.colorlayout.BGR if preprocessing.bgr else ct.colorlayout.RGB,
+    )
+
+
+def _with_std(fn: Any, std: tuple[float, float, float] | None) -> Any:
+    """Per-channel division that Core ML's image scaler cannot express, as a layer in the model."""
+    if std is None:
+        return fn
+    tf = tensorflow()
+    divisor = tf.constant(std, dtype=tf.float32)
+    return lambda x: fn(x / divisor)
+
+
+def convert_backbone(graph: Any, objects: Any, model: ModelPlan, group: GroupPlan) -> Any:
+    """Input image -> split tensor, as a NeuralNetwork spec with output ``features``."""
+    from convert.keras_exec import concrete_function, subgraph_function
+
+    pre = PREPROCESSING[group.preprocessing]
+    fn = subgraph_function(graph, objects, graph.inputs[0], model.split_tensor)
+    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE)
+    spec = _ct_convert(graph.source, "backbone", cf, [image_type(pre, model.input_shape)])
+    _rename_output(spec, FEATURES)
+    shape = feature_shape(graph, model.split_tensor)
+    _set_array_shape(spec.description.output[0], shape)
+    spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
+    return spec
+
+
+def feature_shape(graph: Any, tensor: int) -> list[int]:
+    shape = graph.tensors[tensor].shape
+    if shape is None or any(d is None for d in shape[1:]):
+        raise ConversionError(graph.source, "the split tensor's shape is not static")
+    return [1, *[int(d) for d in shape[1:]]]
+
+
+def convert_head(graph: Any, objects: Any, model: ModelPlan) -> Any:
+    """Split tensor -> class probabilities, as a NeuralNetworkClassifier spec."""
+    from convert.keras_exec import concrete_function, subgraph_function
+
+    ct = coremltools()
+
+    shape = feature_shape(graph, model.split_tensor)
+    fn = subgraph_function(graph, objects, model.split_tensor, graph.outputs[0])
+    cf = concrete_function(fn, shape, FEATURES)
+    spec = _ct_convert(
+        graph.source,
+        "head",
+        cf,
+        [ct.TensorType(name=FEATURES, shape=tuple(shape))],
+        classifier_config=ct.ClassifierConfig(list(model.labels)),
+    )
+    _name_classifier_outputs(spec)
+    _set_array_shape(spec.description.input[0], shape)
+    spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
+    return spec
+
+
+def convert_standalone(graph: Any, objects: Any, model: ModelPlan) -> Any:
+    """The whole model as one NeuralNetworkClassifier (for models that share nothing)."""
+    from convert.keras_exec import concrete_function, subgraph_function
+
+    ct = coremltools()
+
+    pre = PREPROCESSING[model.preprocessing]
+    fn = subgraph_function(graph, objects, graph.inputs[0], graph.outputs[0])
+    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE)
+    spec = _ct_convert(
+        graph.source,
+        "model",
+        cf,
+        [image_type(pre, model.input_shape)],
+        classifier_config=ct.ClassifierConfig(list(model.labels)),
+    )
+    _name_classifier_outputs(spec)
+    spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
+    return spec
+
+
+# -- spec surgery ------------------------------------------------------------------------------
+
+
+def _network(spec: Any) -> Any:
+    kind = spec.WhichOneof("Type")
+    if kind not in ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor"):
+        raise ValueError(f"not a neural network spec: {kind}")
+    return getattr(spec, kind)
+
+
+def rename_blob(spec: Any, old: str, new: str) -> None:
+    """Rename a feature/blob everywhere a NeuralNetwork spec mentions it."""
+    for feature in [*spec.description.input, *spec.description.output]:
+        if feature.name == old:
+            feature.name = new
+    d = spec.description
+    if d.predictedFeatureName == old:
+        d.predictedFeatureName = new
+    if d.predictedProbabilitiesName == old:
+        d.predictedProbabilitiesName = new
+    nn = _network(spec)
+    for layer in nn.layers:
+        for i, name in enumerate(layer.input):
+            if name == old:
+                layer.input[i] = new
+        for i, name in enumerate(layer.output):
+            if name == old:
+                layer.output[i] = new
+    for pre in nn.preprocessing:
+        if pre.featureName == old:
+            pre.featureName = new
+    if spec.WhichOneof("Type") == "neuralNetworkClassifier":
+        if nn.labelProbabilityLayerName == old:
+            nn.labelProbabilityLayerName = new
+
+
+def _rename_output(spec: Any, new: str) -> None:
+    if len(spec.description.output) != 1:
+        raise ValueError("expected one output")
+    rename_blob(spec, spec.description.output[0].name, new)
+
+
+def _name_classifier_outputs(spec: Any) -> None:
+    d = spec.description
+    if d.predictedFeatureName != CLASS_LABEL:
+        rename_blob(spec, d.predictedFeatureName, CLASS_LABEL)
+    if d.predictedProbabilitiesName != CLASS_PROBS:
+        rename_blob(spec, d.predictedProbabilitiesName, CLASS_PROBS)
+    # Apple's classifiers list the probabilities first, then the label; keep one stable order.
+    outputs = sorted(d.output, key=lambda f: f.name != CLASS_PROBS)
+    copies = [type(f)() for f in outputs]
+    for copy, f in zip(copies, outputs):
+        copy.CopyFrom(f)
+    del d.output[:]
+    d.output.extend(copies)
+
+
+def _set_array_shape(feature: Any, shape: list[int]) -> None:
+    Model_pb2, FeatureTypes_pb2 = _proto()
+    array = feature.type.multiArrayType
+    del array.shape[:]
+    array.shape.extend(shape)
+    array.dataType = FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    array.ClearField("ShapeFlexibility")
+
+
+def make_stub(backbone: Any, backbone_file: str) -> Any:
+    """A LinkedModel with the backbone's exact interface, pointing at its compiled form."""
+    Model_pb2, _ = _proto()
+    stub = Model_pb2.Model()
+    stub.specificationVersion = SPEC_VERSION
+    stub.description.input.extend(backbone.description.input)
+    stub.description.output.extend(backbone.description.output)
+    link = stub.linkedModel.linkedModelFile
+    link.linkedModelFileName.defaultValue = compiled_name(backbone_file)
+    link.linkedModelSearchPath.defaultValue = SEARCH_PATH
+    return stub
+
+
+def compiled_name(mlmodel_file: str) -> str:
+    """Xcode compiles ``X.mlmodel`` in an app target into ``X.mlmodelc`` in the bundle."""
+    return Path(mlmodel_file).stem + ".mlmodelc"
+
+
+def make_pipeline(stub: Any, head: Any) -> Any:
+    """PipelineClassifier [stub, head]: input ``image``; outputs ``classLabelProbs``, ``classLabel``."""
+    Model_pb2, _ = _proto()
+    spec = Model_pb2.Model()
+    spec.specificationVersion = max(SPEC_VERSION, stub.specificationVersion, head.specificationVersion)
+    pipeline = spec.pipelineClassifier.pipeline
+    pipeline.models.add().CopyFrom(stub)
+    pipeline.models.add().CopyFrom(head)
+    pipeline.names.extend(["backbone", "head"])
+    spec.description.input.extend(stub.description.input)
+    spec.description.output.extend(head.description.output)
+    spec.description.predictedFeatureName = head.description.predictedFeatureName
+    spec.description.predictedProbabilitiesName = head.description.predictedProbabilitiesName
+    return spec
+
+
+def merge_standalone(backbone: Any, head: Any) -> Any:
+    """Backbone and head fused into one NeuralNetworkClassifier, as a one-by-one conversion
+    would ship it. Used to measure that size without converting from TensorFlow again."""
+    Model_pb2, _ = _proto()
+    spec = Model_pb2.Model()
+    spec.specificationVersion = max(backbone.specificationVersion, head.specificationVersion)
+    spec.description.input.extend(backbone.description.input)
+    spec.description.output.extend(head.description.output)
+    spec.description.predictedFeatureName = head.description.predictedFeatureName
+    spec.description.predictedProbabilitiesName = head.description.predictedProbabilitiesName
+    head = _copy(head)
+    bb_nn = backbone.neuralNetwork
+    taken = {name for layer in bb_nn.layers for name in [layer.name, *layer.output]}
+    for layer in head.neuralNetworkClassifier.layers:
+        for name in [*layer.output]:
+            if name in taken and name != FEATURES:
+                rename_blob(head, name, f"head/{name}")
+        if layer.name in taken:
+            layer.name = f"head/{layer.name}"
+    nn = spec.neuralNetworkClassifier
+    nn.layers.extend(bb_nn.layers)
+    nn.layers.extend(head.neuralNetworkClassifier.layers)
+    nn.preprocessing.extend(bb_nn.preprocessing)
+    nn.arrayInputShapeMapping = bb_nn.arrayInputShapeMapping
+    nn.imageInputShapeMapping = bb_nn.imageInputShapeMapping
+    nn.stringClassLabels.CopyFrom(head.neuralNetworkClassifier.stringClassLabels)
+    nn.labelProbabilityLayerName = head.neuralNetworkClassifier.labelProbabilityLayerName
+    return spec
+
+
+def _copy(spec: Any) -> Any:
+    Model_pb2, _ = _proto()
+    out = Model_pb2.Model()
+    out.CopyFrom(spec)
+    return out
+
+
+# -- metadata ----------------------------------------------------------------------------------
+
+
+def describe(spec: Any, short: str, user: dict[str, str], preprocessing: Preprocessing | None) -> None:
+    """Replace coremltools' metadata (which carries the date) with our own, deterministic one."""
+    meta = spec.description.metadata
+    meta.Clear()
+    meta.shortDescription = short
+    meta.versionString = __version__
+    meta.author = TOOL
+    meta.userDefined["com.github.apple.coremltools.version"] = _coremltools_version()
+    meta.userDefined["coreml-split.version"] = __version__
+    for key, value in sorted(user.items()):
+        meta.userDefined[f"coreml-split.{key}"] = value
+    for feature in spec.description.input:
+        if feature.name == IMAGE and feature.type.WhichOneof("Type") == "imageType":
+            feature.shortDescription = _image_description(feature, preprocessing)
+        elif feature.name == FEATURES:
+            feature.shortDescription = "Backbone feature tensor"
+    for feature in spec.description.output:
+        feature.shortDescription = {
+            CLASS_LABEL: "Most likely class",
+            CLASS_PROBS: "Probability of each class",
+            FEATURES: "Backbone feature tensor",
+        }.get(feature.name, feature.shortDescription)
+
+
+def _image_description(feature: Any, preprocessing: Preprocessing | None) -> str:
+    image = feature.type.imageType
+    text = f"{image.width}x{image.height} image"
+    if preprocessing is not None:
+        text += f"; scaled inside the model: {preprocessing.description}"
+    return text
+
+
+def _coremltools_version() -> str:
+    return coremltools().__version__
+
+
+def labels_metadata(labels: list[str]) -> str:
+    return json.dumps(labels, ensure_ascii=False)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def serialise(spec: Any) -> bytes:
+    return spec.SerializeToString(deterministic=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, data: bytes) -> int:
+    """Write via a temporary file in the same folder and rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data)

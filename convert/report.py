@@ -1,0 +1,237 @@
+"""The size report: what was written, what one-by-one conversion would have shipped, and a picture.
+
+Every byte figure here is measured from serialised specs or files on disk, except the lower
+bound, which is the zoo's unique parameters times 4 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert import __version__
+from convert.plan import ErrorEntry, Plan
+
+
+@dataclass
+class BackboneReport:
+    id: str
+    file: str
+    bytes: int
+    parameters: int
+    members: list[str]
+    split_layer: str
+    preprocessing: str
+
+
+@dataclass
+class ClassifierReport:
+    name: str
+    source: str
+    group: str | None  # None: converted standalone
+    file: str
+    bytes: int  # the file written: a pipeline, or the standalone model
+    head_bytes: int  # the head spec alone, as embedded in the pipeline
+    standalone_bytes: int  # backbone + head merged into one classifier, serialised
+    classes: int
+
+
+@dataclass
+class Report:
+    backbones: list[BackboneReport] = field(default_factory=list)
+    classifiers: list[ClassifierReport] = field(default_factory=list)
+    errors: list[ErrorEntry] = field(default_factory=list)
+    lower_bound_bytes: int = 0
+
+    def totals(self) -> dict[str, Any]:
+        backbone = sum(b.bytes for b in self.backbones)
+        written = backbone + sum(c.bytes for c in self.classifiers)
+        one_by_one = sum(c.standalone_bytes for c in self.classifiers)
+        essential = backbone + sum(c.head_bytes for c in self.classifiers)
+        return {
+            "classifiers": len(self.classifiers),
+            "backbones": len(self.backbones),
+            "backbone_bytes": backbone,
+            "heads_bytes": sum(c.head_bytes for c in self.classifiers),
+            "written_bytes": written,
+            "one_by_one_bytes": one_by_one,
+            "saved_bytes": one_by_one - written,
+            "ratio": round(one_by_one / written, 3) if written else None,
+            "overhead": round(written / essential, 4) if essential else None,
+            "lower_bound_bytes": self.lower_bound_bytes,
+            "errors": len(self.errors),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tool": f"coreml-split {__version__}",
+            "backbones": [asdict(b) for b in self.backbones],
+            "classifiers": [asdict(c) for c in self.classifiers],
+            "totals": self.totals(),
+            "errors": [asdict(e) for e in self.errors],
+        }
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def kb_or_mb(n: int) -> str:
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else mb(n)
+
+
+# -- plan and size tables (terminal) ---------------------------------------------------------
+
+
+def plan_table(plan: Plan) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Plan", title_justify="left")
+    for column in ("classifier", "backbone", "split after", "features", "head params", "labels"):
+        table.add_column(column)
+    groups = {g.id: g for g in plan.groups}
+    for m in plan.models:
+        group = groups.get(m.group) if m.group else None
+        table.add_row(
+            m.name,
+            m.group or "standalone",
+            m.split_layer or "-",
+            "x".join(str(d) for d in group.feature_shape[1:]) if group else "-",
+            f"{m.head_parameters:,}",
+            ", ".join(m.labels[:4]) + (" ..." if len(m.labels) > 4 else ""),
+        )
+    return table
+
+
+def groups_table(plan: Plan) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Shared backbones", title_justify="left")
+    for column in ("backbone", "members", "parameters", "bytes (fp32)", "saves", "preprocessing"):
+        table.add_column(column)
+    for g in plan.groups:
+        table.add_row(
+            g.id,
+            str(len(g.members)),
+            f"{g.backbone_parameters:,}",
+            mb(g.backbone_bytes),
+            mb(g.saved_bytes),
+            g.preprocessing,
+        )
+    return table
+
+
+def size_table(report: Report) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Sizes", title_justify="left")
+    for column in ("file", "role", "bytes", "head", "one by one"):
+        table.add_column(column, justify="left" if column in ("file", "role") else "right")
+    for b in report.backbones:
+        table.add_row(b.file, f"backbone x{len(b.members)}", kb_or_mb(b.bytes), "", "")
+    for c in report.classifiers:
+        role = "pipeline" if c.group else "standalone"
+        table.add_row(
+            c.file, role, kb_or_mb(c.bytes), kb_or_mb(c.head_bytes), kb_or_mb(c.standalone_bytes)
+        )
+    t = report.totals()
+    table.add_section()
+    table.add_row("total written", "", mb(t["written_bytes"]), mb(t["heads_bytes"]),
+                  mb(t["one_by_one_bytes"]))
+    return table
+
+
+def summary_line(report: Report) -> str:
+    t = report.totals()
+    if not t["written_bytes"]:
+        return "nothing was written"
+    return (
+        f"{t['classifiers']} classifiers, {t['backbones']} shared backbone(s): "
+        f"{mb(t['written_bytes'])} instead of {mb(t['one_by_one_bytes'])} one by one "
+        f"(saves {mb(t['saved_bytes'])}, {t['ratio']}x smaller; "
+        f"lower bound {mb(t['lower_bound_bytes'])})"
+    )
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def markdown(report: Report, picture: str | None = "report.svg") -> str:
+    t = report.totals()
+    lines = [f"# coreml-split report", "", summary_line(report), ""]
+    if picture:
+        lines += [f"![bytes shipped, one by one vs split]({picture})", ""]
+    lines += ["| file | role | bytes | head bytes | one-by-one bytes |", "|---|---|---:|---:|---:|"]
+    for b in report.backbones:
+        lines.append(f"| {b.file} | backbone, shared by {len(b.members)} | {b.bytes:,} | | |")
+    for c in report.classifiers:
+        role = f"pipeline on {c.group}" if c.group else "standalone"
+        lines.append(
+            f"| {c.file} | {role} | {c.bytes:,} | {c.head_bytes:,} | {c.standalone_bytes:,} |"
+        )
+    lines += [
+        f"| **total** | | **{t['written_bytes']:,}** | {t['heads_bytes']:,} "
+        f"| **{t['one_by_one_bytes']:,}** |",
+        "",
+        f"- Saved: {t['saved_bytes']:,} bytes ({t['ratio']}x smaller than one by one).",
+        f"- Written / (backbones + heads): {t['overhead']}.",
+        f"- Lower bound (unique parameters x 4 bytes): {t['lower_bound_bytes']:,} bytes.",
+        "- One-by-one bytes are measured: each classifier's backbone and head merged into one "
+        "NeuralNetworkClassifier and serialised.",
+    ]
+    if report.errors:
+        lines += ["", "## Errors", ""] + [f"- `{e.file}`: {e.reason}" for e in report.errors]
+    return "\n".join(lines) + "\n"
+
+
+def svg(report: Report) -> str:
+    """Two stacked bars: every classifier with its own backbone copy, and the split build."""
+    bars: list[tuple[str, list[tuple[str, int, str]]]] = []
+    heads = sum(c.head_bytes for c in report.classifiers if c.group)
+    standalone = sum(c.bytes for c in report.classifiers if not c.group)
+    copies = sum(c.standalone_bytes - c.head_bytes for c in report.classifiers if c.group)
+    bars.append(("one by one", [("backbone copies", copies, "#d1495b"), ("heads", heads, "#2e86ab"),
+                                ("standalone", standalone, "#8d99ae")]))
+    backbone = sum(b.bytes for b in report.backbones)
+    wrappers = sum(c.bytes - c.head_bytes for c in report.classifiers if c.group)
+    bars.append(("coreml-split", [("shared backbone", backbone, "#edae49"),
+                                  ("heads", heads + wrappers, "#2e86ab"),
+                                  ("standalone", standalone, "#8d99ae")]))
+    widest = max(sum(v for _, v, _ in parts) for _, parts in bars) or 1
+    width, left, bar_h = 640, 110, 34
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="150" '
+        'font-family="sans-serif" font-size="12">'
+    ]
+    for row, (label, parts) in enumerate(bars):
+        y = 20 + row * (bar_h + 22)
+        out.append(f'<text x="4" y="{y + 21}">{label}</text>')
+        x = float(left)
+        for name, value, colour in parts:
+            if value <= 0:
+                continue
+            w = (width - left - 90) * value / widest
+            out.append(
+                f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}">'
+                f"<title>{name}: {value:,} bytes</title></rect>"
+            )
+            x += w
+        total = sum(v for _, v, _ in parts)
+        out.append(f'<text x="{x + 6:.1f}" y="{y + 21}">{mb(total)}</text>')
+    legend = [("backbone copies", "#d1495b"), ("shared backbone", "#edae49"), ("heads", "#2e86ab")]
+    for i, (name, colour) in enumerate(legend):
+        lx = left + i * 150
+        out.append(f'<rect x="{lx}" y="128" width="12" height="12" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 16}" y="139">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_reports(report: Report, out: Path) -> None:
+    from convert.emit import write_atomic
+
+    write_atomic(out / "report.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
+    write_atomic(out / "report.svg", svg(report).encode())
+    write_atomic(out / "report.md", markdown(report).encode())
