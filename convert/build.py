@@ -132,7 +132,8 @@ def _emit_pipeline(
         pipeline,
         f"{model.name}: {model.num_classes}-class image classifier on the shared {group.family} "
         f"backbone {emit.compiled_name(backbone_file)}",
-        user | {"role": "pipeline", "backbone": backbone_file, "split_layer": model.split_layer or ""},
+        user
+        | {"role": "pipeline", "backbone": backbone_file, "split_layer": model.split_layer or ""},
         pre,
     )
     merged = emit.merge_standalone(backbone, head)

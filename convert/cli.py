@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
         f"MODE is one of: {', '.join(f'{k} ({v.description})' for k, v in PREPROCESSING.items())}."
         " Default: inferred from the backbone family; Teachable Machine uses tf.",
     )
+    common.add_argument(
+        "--min-shared",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="share a backbone only if it holds at least this fraction of each member's "
+        "parameters (default 0.5)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
 
@@ -73,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from convert.plan import make_plan
 
         started = time.perf_counter()
-        plan, graphs = make_plan(args.models, per_model, default)
+        plan, graphs = make_plan(args.models, per_model, default, args.min_shared)
         if args.command == "plan":
             return _plan_command(plan, args, out, err, time.perf_counter() - started)
         return _convert_command(plan, graphs, args, out, err)
@@ -131,8 +139,10 @@ def _convert_command(plan, graphs, args, out, err) -> int:
     elif show:
         out.print(size_table(report))
         out.print(summary_line(report))
-        out.print(f"wrote {args.out}/ in {time.perf_counter() - started:.1f}s "
-                  f"(report: {args.out / 'report.md'})")
+        out.print(
+            f"wrote {args.out}/ in {time.perf_counter() - started:.1f}s "
+            f"(report: {args.out / 'report.md'})"
+        )
     _print_errors(report.errors, err)
     return EXIT_FAILED if report.errors else EXIT_OK
 

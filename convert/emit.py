@@ -255,10 +255,12 @@ def compiled_name(mlmodel_file: str) -> str:
 
 
 def make_pipeline(stub: Any, head: Any) -> Any:
-    """PipelineClassifier [stub, head]: input ``image``; outputs ``classLabelProbs``, ``classLabel``."""
+    """PipelineClassifier [stub, head]: input ``image``; outputs the head's two outputs."""
     Model_pb2, _ = _proto()
     spec = Model_pb2.Model()
-    spec.specificationVersion = max(SPEC_VERSION, stub.specificationVersion, head.specificationVersion)
+    spec.specificationVersion = max(
+        SPEC_VERSION, stub.specificationVersion, head.specificationVersion
+    )
     pipeline = spec.pipelineClassifier.pipeline
     pipeline.models.add().CopyFrom(stub)
     pipeline.models.add().CopyFrom(head)
@@ -310,7 +312,9 @@ def _copy(spec: Any) -> Any:
 # -- metadata ----------------------------------------------------------------------------------
 
 
-def describe(spec: Any, short: str, user: dict[str, str], preprocessing: Preprocessing | None) -> None:
+def describe(
+    spec: Any, short: str, user: dict[str, str], preprocessing: Preprocessing | None
+) -> None:
     """Replace coremltools' metadata (which carries the date) with our own, deterministic one."""
     meta = spec.description.metadata
     meta.Clear()

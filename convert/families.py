@@ -80,8 +80,52 @@ def detect_family(graph: Graph, node_indices: set[int] | None = None) -> str | N
     return None
 
 
-def default_preprocessing(family: str | None, is_teachable_machine: bool = False) -> str:
-    """Teachable Machine and the MobileNet/Inception families use [-1, 1]; others per family."""
+# Layers that rescale pixels when they sit between the input and the first weighted layer.
+SCALING_CLASSES = {"Rescaling", "Normalization", "TrueDivide", "Divide", "Subtract", "Multiply"}
+SCALING_FUNCTIONS = {
+    "math.truediv",
+    "math.divide",
+    "math.subtract",
+    "math.multiply",
+    "math.add",
+    "__operators__.add",
+    "nn.bias_add",
+}
+
+
+def scales_input_inside(graph: Graph) -> bool:
+    """True when the model rescales pixels itself (Rescaling, preprocess_input in the graph).
+
+    Such a model takes 0-255 pixels, so the Core ML image input must not scale them again.
+    """
+    consumers = graph.consumers()
+    todo = list(graph.inputs)
+    seen: set[int] = set()
+    while todo and len(seen) < 32:
+        tensor = todo.pop()
+        for index in consumers.get(tensor, []):
+            if index in seen:
+                continue
+            seen.add(index)
+            node = graph.nodes[index]
+            layer = node.layer
+            if layer.class_name in SCALING_CLASSES or (
+                layer.class_name == "TFOpLambda"
+                and layer.config.get("function") in SCALING_FUNCTIONS
+            ):
+                return True
+            if not layer.weights:
+                todo.extend(node.outputs)
+    return False
+
+
+def default_preprocessing(
+    family: str | None, is_teachable_machine: bool = False, scales_inside: bool = False
+) -> str:
+    """What the model expects: "raw" if it scales pixels itself; Teachable Machine and the
+    MobileNet/Inception families use [-1, 1]; other families per keras.applications."""
+    if scales_inside:
+        return "raw"
     if is_teachable_machine:
         return "tf"
     for name, _, preprocessing in FAMILY_SIGNATURES:

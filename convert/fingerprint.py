@@ -16,17 +16,48 @@ from convert.graph import Graph, Layer, Node, is_tensor_ref
 
 # Layers that are the identity at inference: their output has their input's fingerprint.
 IDENTITY_AT_INFERENCE = {
-    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "ActivityRegularization", "RandomFlip", "RandomRotation",
-    "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
 }
 
 # Config keys that never change what a layer computes at inference.
 IGNORED_KEYS = {
-    "name", "trainable", "batch_input_shape", "batch_shape", "build_config", "sparse", "ragged",
-    "optional", "momentum", "fused", "renorm", "renorm_clipping", "renorm_momentum",
-    "virtual_batch_size", "adjustment", "synchronized", "seed", "module", "registered_name",
-    "activity_regularizer", "lora_rank", "lora_alpha", "quantization_config", "input_dim",
+    "name",
+    "trainable",
+    "batch_input_shape",
+    "batch_shape",
+    "build_config",
+    "sparse",
+    "ragged",
+    "optional",
+    "momentum",
+    "fused",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "virtual_batch_size",
+    "adjustment",
+    "synchronized",
+    "seed",
+    "module",
+    "registered_name",
+    "activity_regularizer",
+    "lora_rank",
+    "lora_alpha",
+    "quantization_config",
+    "input_dim",
 }
 IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 

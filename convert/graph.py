@@ -39,7 +39,7 @@ def tensor_ids_in(structure: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class Weight:
-    """One weight array, by reference: its dataset path in the .h5 file and a digest of its bytes."""
+    """One weight array, by reference: its dataset path in the .h5 file and its bytes' digest."""
 
     dataset: str
     name: str  # the variable's short name: kernel, gamma, moving_mean, ...

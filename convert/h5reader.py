@@ -33,7 +33,9 @@ def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
     except FileNotFoundError:
         raise ModelFileError(path, "no such file") from None
     except OSError as exc:
-        raise ModelFileError(path, f"not a readable HDF5 file (corrupt or truncated): {exc}") from None
+        raise ModelFileError(
+            path, f"not a readable HDF5 file (corrupt or truncated): {exc}"
+        ) from None
     with handle as f:
         if "model_config" not in f.attrs:
             if "layer_names" in f.attrs or "model_weights" in f or "layers" in f or len(f.keys()):
@@ -53,7 +55,9 @@ def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
         except ModelFileError:
             raise
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ModelFileError(path, f"unexpected model_config layout ({type(exc).__name__}: {exc})")
+            raise ModelFileError(
+                path, f"unexpected model_config layout ({type(exc).__name__}: {exc})"
+            ) from None
         weights_root = f["model_weights"] if "model_weights" in f else f
         _attach_weights(path, weights_root, builder.layers, with_digests)
     graph = Graph(
@@ -65,7 +69,7 @@ def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
         inputs=builder.inputs,
         outputs=outputs,
     )
-    infer_shapes(graph)
+    infer_shapes(graph, builder.recorded_shapes)
     return graph
 
 
@@ -83,6 +87,7 @@ class _GraphBuilder:
         self.tensors: list[Tensor] = []
         self.inputs: list[int] = []
         self.layers: dict[tuple[str, ...], Layer] = {}
+        self.recorded_shapes: dict[int, tuple[int | None, ...]] = {}
 
     # -- tensors and nodes -------------------------------------------------------------------
 
@@ -120,7 +125,9 @@ class _GraphBuilder:
         shape = config.get("batch_shape") or config.get("batch_input_shape")
         if shape is None:
             raise ModelFileError(self.path, f"input '{'/'.join(path)}' declares no shape")
-        layer = self._layer(path, "InputLayer", {"shape": list(shape), "dtype": config.get("dtype")})
+        layer = self._layer(
+            path, "InputLayer", {"shape": list(shape), "dtype": config.get("dtype")}
+        )
         node = self._add_node(layer, [], {})
         self.inputs.append(node.outputs[0])
         return node.outputs[0]
@@ -215,7 +222,9 @@ class _GraphBuilder:
                     produced[(name, k, j)] = tensor
             if len(waiting) == len(pending):
                 missing = ", ".join(sorted({n for n, _, _ in waiting})[:5])
-                raise ModelFileError(self.path, f"cannot connect layers (cycle or bad refs): {missing}")
+                raise ModelFileError(
+                    self.path, f"cannot connect layers (cycle or bad refs): {missing}"
+                )
             pending = waiting
 
         outputs = []
@@ -239,6 +248,9 @@ class _GraphBuilder:
                     if tensor is None:
                         unresolved = True
                         return None
+                    shape = value["config"].get("shape")
+                    if shape is not None:  # Keras 3 records the shape of every tensor it passes
+                        self.recorded_shapes[tensor] = tuple(shape)
                     return tensor_ref(tensor)
                 return {k: convert(v) for k, v in value.items()}
             if isinstance(value, list):
@@ -248,7 +260,9 @@ class _GraphBuilder:
         if isinstance(raw, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
             args = convert(raw.get("args", []))
             kwargs = convert(raw.get("kwargs", {}))
-        else:  # Keras 2: [[layer, node, tensor, kwargs], ...]
+        else:  # Keras 2: [[layer, node, tensor, kwargs], ...], or one such entry (TFOpLambda)
+            if raw and isinstance(raw[0], str):
+                raw = [raw]
             refs = []
             kwargs = {}
             for item in raw:
@@ -264,7 +278,11 @@ class _GraphBuilder:
         return args, kwargs
 
     def _call(
-        self, entry: dict[str, Any], args: list[Any], kwargs: dict[str, Any], prefix: tuple[str, ...]
+        self,
+        entry: dict[str, Any],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        prefix: tuple[str, ...],
     ) -> list[int]:
         """Apply one layer entry (primitive or nested model) to tensors; return its outputs."""
         name = _entry_name(entry)
@@ -283,7 +301,7 @@ def _entry_name(entry: dict[str, Any]) -> str:
 
 
 def _refs(raw: Any) -> list[tuple[str, int, int]]:
-    """input_layers / output_layers: Keras 2 writes [[n, i, j], ...], Keras 3 may write [n, i, j]."""
+    """input_layers / output_layers: Keras 2 writes [[n, i, j], ...], Keras 3 maybe [n, i, j]."""
     if not raw:
         return []
     if isinstance(raw[0], str):
@@ -312,7 +330,9 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
                     path, f"cannot tell which layer owns weight '{top}/{weight_name}'"
                 )
             dataset = group[weight_name]
-            owner.weights.append(_weight(f"{group.name}/{weight_name}", weight_name, dataset, digest))
+            owner.weights.append(
+                _weight(f"{group.name}/{weight_name}", weight_name, dataset, digest)
+            )
 
 
 def _owner(weight_name: str, owners: list[Layer]) -> Layer | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from convert.errors import ConversionError
@@ -29,7 +28,9 @@ def load_keras_model(graph: Graph) -> Any:
         return k.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many kinds; the user needs the reason, in one line
         flavour = "keras 3" if graph.keras_major >= 3 else "tf_keras"
-        raise ConversionError(path, f"{flavour} cannot load the model: {_first_line(exc)}") from None
+        raise ConversionError(
+            path, f"{flavour} cannot load the model: {_first_line(exc)}"
+        ) from None
 
 
 def layer_objects(model: Any, graph: Graph) -> dict[tuple[str, ...], Any]:

@@ -20,6 +20,7 @@ from convert.families import (
     default_preprocessing,
     detect_family,
     is_teachable_machine,
+    scales_input_inside,
 )
 from convert.fingerprint import tensor_fingerprints
 from convert.graph import Graph
@@ -27,6 +28,7 @@ from convert.h5reader import read_model
 from convert.labels import resolve_labels
 
 BYTES_PER_PARAMETER = 4  # the backbone and heads are written as float32
+DEFAULT_MIN_SHARED = 0.5  # share a backbone only if it holds at least half of each member
 MODEL_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -104,9 +106,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "models": [asdict(m) for m in self.models],
-            "groups": [
-                asdict(g) | {"backbone_bytes": g.backbone_bytes} for g in self.groups
-            ],
+            "groups": [asdict(g) | {"backbone_bytes": g.backbone_bytes} for g in self.groups],
             "standalone": [m.name for m in self.models if m.group is None],
             "errors": [asdict(e) for e in self.errors],
             "unique_parameters": self.unique_parameters,
@@ -233,7 +233,7 @@ def analyse(
     labels, labels_source = resolve_labels(path, classes)
     family = detect_family(graph)
     tm = is_teachable_machine(graph)
-    chosen = preprocessing or default_preprocessing(family, tm)
+    chosen = preprocessing or default_preprocessing(family, tm, scales_input_inside(graph))
     if chosen not in PREPROCESSING:
         raise SplitError(path, f"unknown preprocessing '{chosen}' ({', '.join(PREPROCESSING)})")
     fps = tensor_fingerprints(graph)
@@ -257,12 +257,18 @@ def analyse(
 # -- grouping -------------------------------------------------------------------------------
 
 
-def group_models(analyses: list[_Analysis]) -> list[GroupPlan]:
-    """Choose groups greedily by bytes saved; within ties, the deeper split wins."""
+def group_models(
+    analyses: list[_Analysis], min_shared: float = DEFAULT_MIN_SHARED
+) -> list[GroupPlan]:
+    """Choose groups greedily by bytes saved; within ties, the deeper split wins.
+
+    A model joins a group only if the shared backbone holds at least ``min_shared`` of its
+    parameters: a shared stem of a few layers is not worth a linked backbone.
+    """
     candidates: dict[tuple[str, str], dict[str, int]] = {}
     for a in analyses:
         for t in a.cuts:
-            if a.cut_parameters[t] == 0:
+            if a.cut_parameters[t] == 0 or a.cut_parameters[t] < min_shared * a.plan.parameters:
                 continue
             key = (a.fingerprints[t], a.plan.preprocessing)
             # the deepest tensor with this fingerprint (identity layers repeat fingerprints)
@@ -315,7 +321,8 @@ def group_models(analyses: list[_Analysis]) -> list[GroupPlan]:
             a.plan.standalone_reason = (
                 "no split point: the output does not depend on a single tensor"
                 if not a.cuts
-                else "shares no backbone (same weights and preprocessing) with another model"
+                else "shares no backbone (identical weights and preprocessing, at least "
+                f"{min_shared:.0%} of its parameters) with another model"
             )
     return groups
 
@@ -324,6 +331,7 @@ def make_plan(
     root: Path,
     preprocessing: dict[str, str] | None = None,
     default_preprocessing_name: str | None = None,
+    min_shared: float = DEFAULT_MIN_SHARED,
 ) -> tuple[Plan, dict[str, Graph]]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned."""
     preprocessing = preprocessing or {}
@@ -333,12 +341,14 @@ def make_plan(
     analyses: list[_Analysis] = []
     for path in paths:
         name = names[path]
-        choice = preprocessing.get(name) or preprocessing.get(path.name) or default_preprocessing_name
+        choice = (
+            preprocessing.get(name) or preprocessing.get(path.name) or default_preprocessing_name
+        )
         try:
             analyses.append(analyse(path, name, choice))
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
-    plan.groups = group_models(analyses)
+    plan.groups = group_models(analyses, min_shared)
     plan.models = [a.plan for a in analyses]
     unique: dict[str, int] = {}
     for a in analyses:

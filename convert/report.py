@@ -138,8 +138,9 @@ def size_table(report: Report) -> Any:
         )
     t = report.totals()
     table.add_section()
-    table.add_row("total written", "", mb(t["written_bytes"]), mb(t["heads_bytes"]),
-                  mb(t["one_by_one_bytes"]))
+    table.add_row(
+        "total written", "", mb(t["written_bytes"]), mb(t["heads_bytes"]), mb(t["one_by_one_bytes"])
+    )
     return table
 
 
@@ -160,7 +161,7 @@ def summary_line(report: Report) -> str:
 
 def markdown(report: Report, picture: str | None = "report.svg") -> str:
     t = report.totals()
-    lines = [f"# coreml-split report", "", summary_line(report), ""]
+    lines = ["# coreml-split report", "", summary_line(report), ""]
     if picture:
         lines += [f"![bytes shipped, one by one vs split]({picture})", ""]
     lines += ["| file | role | bytes | head bytes | one-by-one bytes |", "|---|---|---:|---:|---:|"]
@@ -192,13 +193,28 @@ def svg(report: Report) -> str:
     heads = sum(c.head_bytes for c in report.classifiers if c.group)
     standalone = sum(c.bytes for c in report.classifiers if not c.group)
     copies = sum(c.standalone_bytes - c.head_bytes for c in report.classifiers if c.group)
-    bars.append(("one by one", [("backbone copies", copies, "#d1495b"), ("heads", heads, "#2e86ab"),
-                                ("standalone", standalone, "#8d99ae")]))
+    bars.append(
+        (
+            "one by one",
+            [
+                ("backbone copies", copies, "#d1495b"),
+                ("heads", heads, "#2e86ab"),
+                ("standalone", standalone, "#8d99ae"),
+            ],
+        )
+    )
     backbone = sum(b.bytes for b in report.backbones)
     wrappers = sum(c.bytes - c.head_bytes for c in report.classifiers if c.group)
-    bars.append(("coreml-split", [("shared backbone", backbone, "#edae49"),
-                                  ("heads", heads + wrappers, "#2e86ab"),
-                                  ("standalone", standalone, "#8d99ae")]))
+    bars.append(
+        (
+            "coreml-split",
+            [
+                ("shared backbone", backbone, "#edae49"),
+                ("heads", heads + wrappers, "#2e86ab"),
+                ("standalone", standalone, "#8d99ae"),
+            ],
+        )
+    )
     widest = max(sum(v for _, v, _ in parts) for _, parts in bars) or 1
     width, left, bar_h = 640, 110, 34
     out = [

@@ -28,8 +28,13 @@ def rule(*class_names: str) -> Callable[[ShapeFn], ShapeFn]:
     return register
 
 
-def infer_shapes(graph: Graph) -> None:
-    """Fill ``Tensor.shape`` for every tensor whose shape follows from its inputs."""
+def infer_shapes(graph: Graph, recorded: dict[int, Shape] | None = None) -> None:
+    """Fill ``Tensor.shape`` for every tensor whose shape follows from its inputs.
+
+    ``recorded`` holds shapes the file itself states (Keras 3 writes the shape of every tensor a
+    layer consumes); they win over inference.
+    """
+    recorded = recorded or {}
     for node in graph.nodes:
         if node.layer.class_name == "InputLayer":
             shape = node.layer.config.get("shape")
@@ -45,6 +50,9 @@ def infer_shapes(graph: Graph) -> None:
                 out = None
         if len(node.outputs) == 1:
             graph.tensors[node.outputs[0]].shape = tuple(out) if out is not None else None
+        for tensor in node.outputs:
+            if tensor in recorded:
+                graph.tensors[tensor].shape = recorded[tensor]
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -63,11 +71,30 @@ def _conv_dim(size: int | None, kernel: int, stride: int, dilation: int, padding
 
 
 @rule(
-    "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "BatchNormalization",
-    "LayerNormalization", "Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
-    "AlphaDropout", "ActivityRegularization", "Rescaling", "Normalization", "RandomFlip",
-    "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness",
-    "ThresholdedReLU", "UnitNormalization",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "Softmax",
+    "BatchNormalization",
+    "LayerNormalization",
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Rescaling",
+    "Normalization",
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
+    "ThresholdedReLU",
+    "UnitNormalization",
 )
 def _same(config: dict[str, Any], shapes: list[Shape]) -> Shape:
     return shapes[0]
@@ -155,7 +182,48 @@ def _reshape(config: dict[str, Any], shapes: list[Shape]) -> Shape:
     return (shapes[0][0], *target)
 
 
-@rule("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
+# tf_keras TFOpLambda functions and Keras 3 operation layers that broadcast elementwise.
+ELEMENTWISE_FUNCTIONS = {
+    "math.truediv",
+    "math.divide",
+    "math.subtract",
+    "math.multiply",
+    "math.add",
+    "__operators__.add",
+    "math.maximum",
+    "math.minimum",
+    "math.pow",
+    "math.sqrt",
+    "math.abs",
+    "nn.relu",
+    "nn.relu6",
+    "math.sigmoid",
+    "nn.silu",
+    "math.tanh",
+}
+
+
+@rule("TFOpLambda")
+def _tf_op(config: dict[str, Any], shapes: list[Shape]) -> Shape:
+    if config.get("function") not in ELEMENTWISE_FUNCTIONS:
+        raise ValueError("not elementwise")
+    return _elementwise(config, shapes)
+
+
+@rule(
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Maximum",
+    "Minimum",
+    "TrueDivide",
+    "Divide",
+    "Power",
+    "Sqrt",
+    "Abs",
+    "Negative",
+)
 def _elementwise(config: dict[str, Any], shapes: list[Shape]) -> Shape:
     rank = max(len(s) for s in shapes)
     padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]

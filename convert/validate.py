@@ -84,8 +84,10 @@ class SpecInvalid(Exception):
         self.path = Path(path)
         self.violations = list(violations)
         first = " ".join(self.violations[0].split()) if self.violations else "invalid model"
+        if not first.startswith(str(self.path)):
+            first = f"{self.path}: {first}"
         more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
-        super().__init__(f"{self.path}: {first}{more}")
+        super().__init__(first + more)
 
 
 def validate_spec(spec: Message, where: str = "model", *, strict_types: bool = False) -> list[str]:
@@ -99,10 +101,15 @@ def validate_spec(spec: Message, where: str = "model", *, strict_types: bool = F
     return list(_check_model(spec, where, strict_types))
 
 
-def validate_file(path: str | Path, *, strict_types: bool = False) -> list[str]:
-    """Load an ``.mlmodel`` file and return its violations, each naming the file."""
+def validate_file(
+    path: str | Path, *, where: str | None = None, strict_types: bool = False
+) -> list[str]:
+    """Load an ``.mlmodel`` file and return its violations.
+
+    Each message starts with ``where``, by default the file's name.
+    """
     path = Path(path)
-    where = path.name or str(path)
+    where = where or path.name or str(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -119,7 +126,7 @@ def validate_file(path: str | Path, *, strict_types: bool = False) -> list[str]:
 
 def check_file(path: str | Path, *, strict_types: bool = False) -> None:
     """Raise :class:`SpecInvalid` if the ``.mlmodel`` file at ``path`` has any violation."""
-    violations = validate_file(path, strict_types=strict_types)
+    violations = validate_file(path, where=str(path), strict_types=strict_types)
     if violations:
         raise SpecInvalid(path, violations)
 
@@ -555,6 +562,8 @@ def _network_needs(network: Message) -> Iterator[tuple[int, str]]:
         yield SPEC_IOS13, "imageInputShapeMapping other than RANK5_IMAGE_MAPPING"
     for layer in network.layers:
         kind = layer.WhichOneof("layer")
+        if kind is None:
+            continue  # reported by the layer checks
         label = f"layer '{layer.name}' ({kind})"
         if kind == "custom":
             yield SPEC_IOS11_2, label
@@ -749,9 +758,9 @@ def _check_pipeline(spec: Message, kind: str, where: str, strict: bool) -> Itera
         sub = f"{where}.{label}"
         yield from _check_connections(model, table, sub, strict)
         yield from _check_model(model, sub, strict)
-        yield from _check_sub_version(spec, model, where, label)
         for output in model.description.output:
             table[output.name] = _Source(output.type, f"{label}'s output")
+    yield from _check_sub_versions(spec, models, names, where)
     for output in spec.description.output:
         yield from _check_pipeline_output(output, table, where, strict)
     yield from _check_pipeline_updatable(spec, models, where)
@@ -800,14 +809,19 @@ def _check_pipeline_output(
         )
 
 
-def _check_sub_version(spec: Message, model: Message, where: str, label: str) -> Iterator[str]:
+def _check_sub_versions(
+    spec: Message, models: list[Message], names: list[str], where: str
+) -> Iterator[str]:
     """Project rule (Utils.cpp walks sub-models when choosing a pipeline's version)."""
-    if 0 < spec.specificationVersion < model.specificationVersion:
-        yield (
-            f"{where}: specificationVersion {spec.specificationVersion} is lower than "
-            f"{label}'s {model.specificationVersion}; a pipeline's version must be at least "
-            "every sub-model's"
-        )
+    versions = [model.specificationVersion for model in models]
+    if not versions or not 0 < spec.specificationVersion < max(versions):
+        return
+    highest = versions.index(max(versions))
+    yield (
+        f"{where}: specificationVersion {spec.specificationVersion} is lower than "
+        f"{_sub_label(highest, names)}'s {versions[highest]}; a pipeline's version must be at "
+        "least every sub-model's"
+    )
 
 
 def _check_pipeline_updatable(spec: Message, models: list[Message], where: str) -> Iterator[str]:
