@@ -157,12 +157,7 @@ class _GraphBuilder:
             if inputs is None:
                 inputs = [self._new_input(prefix + (_entry_name(first),), first["config"])]
         if inputs is None:
-            first_config = entries[0].get("config", {})
-            shape = (
-                first_config.get("batch_input_shape")
-                or first_config.get("batch_shape")
-                or config.get("build_input_shape")
-            )
+            shape = _declared_input_shape(entries[0]) or config.get("build_input_shape")
             if shape is None:
                 raise ModelFileError(self.path, "Sequential model declares no input shape")
             inputs = [self._new_input(prefix + ("input",), {"batch_shape": shape})]
@@ -294,6 +289,24 @@ class _GraphBuilder:
         layer = self._layer(prefix + (name,), class_name, config)
         node = self._add_node(layer, args, kwargs)
         return list(node.outputs)
+
+
+def _declared_input_shape(entry: dict[str, Any]) -> list[Any] | None:
+    """The input shape a layer entry declares, looking inside nested models (Teachable
+    Machine's outer Sequential starts with a Sequential whose first layer is a Functional)."""
+    config = entry.get("config", {})
+    shape = config.get("batch_input_shape") or config.get("batch_shape")
+    if shape is not None:
+        return shape
+    layers = config.get("layers") or []
+    if entry.get("class_name") == "Sequential" and layers:
+        return _declared_input_shape(layers[0])
+    if layers:
+        refs = _refs(config.get("input_layers", []))
+        by_name = {_entry_name(e): e for e in layers}
+        if len(refs) == 1 and refs[0][0] in by_name:
+            return _declared_input_shape(by_name[refs[0][0]])
+    return config.get("build_input_shape")
 
 
 def _entry_name(entry: dict[str, Any]) -> str:
