@@ -127,7 +127,8 @@ def find_models(root: Path) -> list[Path]:
 
 
 def model_names(paths: list[Path]) -> dict[Path, str]:
-    """A unique, file-system-safe name per model: the stem, or the folder for keras_model.h5."""
+    """A unique, file-system-safe name per model: the file's stem, or its folder's name for
+    Teachable Machine's ``keras_model.h5``; folders are prepended only where names collide."""
 
     def candidate(path: Path, depth: int) -> str:
         own = [] if path.stem == "keras_model" else [path.stem]
@@ -135,11 +136,17 @@ def model_names(paths: list[Path]) -> dict[Path, str]:
         name = "-".join([*reversed(folders), *own]) or path.stem
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
-    names: dict[Path, str] = {}
-    for depth in range(0, 8):
-        names = {p: candidate(p, depth) for p in paths}
-        if len(set(names.values())) == len(paths):
+    depth = {p: 0 for p in paths}
+    for _ in range(16):
+        names = {p: candidate(p, depth[p]) for p in paths}
+        seen: dict[str, list[Path]] = {}
+        for p, name in names.items():
+            seen.setdefault(name, []).append(p)
+        clashes = [p for group in seen.values() if len(group) > 1 for p in group]
+        if not clashes:
             return names
+        for p in clashes:
+            depth[p] += 1
     return {p: f"{candidate(p, 0)}_{i}" for i, p in enumerate(paths)}
 
 
