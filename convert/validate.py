@@ -293,7 +293,7 @@ def _check_optional(spec: Message, kind: str | None, where: str) -> Iterator[str
         if ftype.multiArrayType.WhichOneof("defaultOptionalValue") is None:
             continue
         if kind not in (*NN_TYPES, "serializedModel", "mlProgram"):
-            yield f"{where}: input '{feature.name}' has a default value; only neural networks allow"
+            yield f"{where}: input '{feature.name}' has a default value; only networks may have one"
         elif spec.specificationVersion < SPEC_IOS14:
             yield (
                 f"{where}: input '{feature.name}' has a default value, which needs "
@@ -766,6 +766,8 @@ def _check_pipeline(spec: Message, kind: str, where: str, strict: bool) -> Itera
     yield from _check_pipeline_updatable(spec, models, where)
     yield from _check_pipeline_names(names, len(models), where)
     if kind == "pipelineClassifier":
+        # Project rule: PipelineValidator.cpp leaves "validate classifier interface" as a TODO,
+        # but Model.proto requires predictedFeatureName for classifiers.
         yield from _check_classifier_outputs(spec.description, None, where)
     elif kind == "pipelineRegressor" and not spec.description.predictedFeatureName:
         yield f"{where}: regressor has no predictedFeatureName"
