@@ -82,7 +82,7 @@ def _build_group(
                     },
                     pre,
                 )
-                size = emit.write_atomic(out / backbone_file, emit.serialise(backbone))
+                size = emit.write_spec(out / backbone_file, backbone, graph.source)
                 report.backbones.append(
                     BackboneReport(
                         id=group.id,
@@ -139,7 +139,7 @@ def _emit_pipeline(
     merged = emit.merge_standalone(backbone, head)
     emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
     file = f"{model.name}.mlmodel"
-    size = emit.write_atomic(out / file, emit.serialise(pipeline))
+    size = emit.write_spec(out / file, pipeline, source)
     return ClassifierReport(
         name=model.name,
         source=model.source,
@@ -169,7 +169,7 @@ def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report)
             PREPROCESSING[model.preprocessing],
         )
         file = f"{model.name}.mlmodel"
-        size = emit.write_atomic(out / file, emit.serialise(spec))
+        size = emit.write_spec(out / file, spec, source)
         report.classifiers.append(
             ClassifierReport(
                 name=model.name,

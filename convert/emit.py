@@ -42,14 +42,17 @@ def _proto():
 
 @contextmanager
 def _quiet_coremltools():
-    """coremltools logs and warns a lot on TF 2.21; keep the user's terminal readable."""
+    """coremltools logs, warns and draws progress bars (tqdm, on sys.stderr) while converting;
+    keep the user's terminal readable. Exceptions still propagate."""
+    import io
     import logging
     import warnings
+    from contextlib import redirect_stderr
 
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             yield
@@ -367,6 +370,23 @@ def file_sha256(path: Path) -> str:
 
 def serialise(spec: Any) -> bytes:
     return spec.SerializeToString(deterministic=True)
+
+
+def write_spec(path: Path, spec: Any, source: Path) -> int:
+    """Check ``spec`` against Core ML's validation rules, then write it atomically.
+
+    A violation here is a bug in coreml-split, not in the user's model; it is reported against
+    the source file and nothing is written.
+    """
+    from convert.validate import validate_spec
+
+    problems = validate_spec(spec, path.name, strict_types=True)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConversionError(
+            source, f"emitted {path.name} breaks a Core ML rule: {problems[0]}{more}"
+        )
+    return write_atomic(path, serialise(spec))
 
 
 def _umask() -> int:

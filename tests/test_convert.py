@@ -113,7 +113,7 @@ def test_every_file_obeys_core_ml_validation_rules(built) -> None:
     out, _ = built
     files = sorted(out.glob("*.mlmodel"))
     assert len(files) == 8
-    problems = {f.name: validate_file(f) for f in files}
+    problems = {f.name: validate_file(f, strict_types=True) for f in files}
     assert problems == {f.name: [] for f in files}
 
 

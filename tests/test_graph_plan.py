@@ -5,7 +5,6 @@ with h5py alone, so the graph logic is tested on exact, known structures.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -151,12 +150,6 @@ def test_names_never_decide(tmp_path: Path) -> None:
         g.attrs["layer_names"] = ["input", "x1", "x2", "add", "gap", "dense"]
     plan, _ = make_plan(zoo)
     assert [g.members for g in plan.groups] == [["a", "b"]]
-
-
-def test_plan_does_not_import_tensorflow(tmp_path: Path) -> None:
-    residual_classifier(tmp_path / "a.h5", head_seed=1)
-    make_plan(tmp_path)
-    assert "tensorflow" not in sys.modules or pytest.skip("tensorflow imported by another test")
 
 
 def test_not_an_image_input_is_a_clear_error(tmp_path: Path) -> None:
