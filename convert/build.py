@@ -15,6 +15,7 @@ from convert import emit
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
 from convert.graph import Graph
+from convert.labels import complete_labels
 from convert.plan import ErrorEntry, GroupPlan, ModelPlan, Plan
 from convert.report import BackboneReport, ClassifierReport, Report
 
@@ -41,10 +42,16 @@ def build(
     return report
 
 
-def _load(graph: Graph):
-    from convert.keras_exec import layer_objects, load_keras_model
+def _load(graph: Graph, plan: ModelPlan):
+    """Load the Keras model; settle labels the file's static shapes could not check."""
+    from convert.keras_exec import layer_objects, load_keras_model, output_size
 
     model = load_keras_model(graph)
+    if not plan.output_size_known:
+        plan.labels = complete_labels(
+            Path(plan.source), plan.labels, plan.labels_source, output_size(model, graph)
+        )
+        plan.output_size_known = True
     return model, layer_objects(model, graph)
 
 
@@ -60,40 +67,32 @@ def _release() -> None:
 def _build_group(
     plan: Plan, group: GroupPlan, graphs: dict[str, Graph], out: Path, report: Report, say: Progress
 ) -> None:
+    """The backbone from the first member whose file loads, then every member's head.
+
+    A file that fails to load or whose head fails costs only that classifier. A backbone that
+    coremltools cannot convert costs the whole group, and every member is told why.
+    """
     backbone_file = f"{group.id}.mlmodel"
     backbone = None
-    pre = PREPROCESSING[group.preprocessing]
     for index, name in enumerate(group.members):
         model, graph = plan.model(name), graphs[name]
         started = time.perf_counter()
         try:
-            _keras_model, objects = _load(graph)
+            _keras_model, objects = _load(graph, model)
             if backbone is None:
-                backbone = emit.convert_backbone(graph, objects, model, group)
-                emit.describe(
-                    backbone,
-                    f"{group.family} backbone shared by {len(group.members)} classifiers "
-                    f"(split after {group.split_layer})",
-                    {
-                        "role": "backbone",
-                        "fingerprint": group.fingerprint,
-                        "preprocessing": group.preprocessing,
-                        "members": ",".join(group.members),
-                    },
-                    pre,
-                )
-                size = emit.write_spec(out / backbone_file, backbone, graph.source)
-                report.backbones.append(
-                    BackboneReport(
-                        id=group.id,
-                        file=backbone_file,
-                        bytes=size,
-                        parameters=group.backbone_parameters,
-                        members=list(group.members),
-                        split_layer=group.split_layer,
-                        preprocessing=group.preprocessing,
-                    )
-                )
+                try:
+                    backbone = _write_backbone(group, graph, objects, model, out, report)
+                except SplitError as exc:
+                    report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+                    for other in group.members[index + 1 :]:
+                        report.errors.append(
+                            ErrorEntry(
+                                plan.model(other).source,
+                                f"not converted: its shared backbone {group.id} failed "
+                                f"to convert ({exc.reason})",
+                            )
+                        )
+                    return
             head = emit.convert_head(graph, objects, model)
             report.classifiers.append(
                 _emit_pipeline(model, group, backbone, head, backbone_file, out)
@@ -101,17 +100,38 @@ def _build_group(
             say(f"    {name}: {time.perf_counter() - started:.1f}s")
         except SplitError as exc:
             report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
-            if backbone is None and "backbone" in exc.reason:
-                for other in group.members[index + 1 :]:
-                    report.errors.append(
-                        ErrorEntry(
-                            plan.model(other).source,
-                            f"not converted: its shared backbone {group.id} failed to convert",
-                        )
-                    )
-                return
         finally:
             _release()
+
+
+def _write_backbone(group: GroupPlan, graph: Graph, objects, model: ModelPlan, out: Path, report):
+    backbone = emit.convert_backbone(graph, objects, model, group)
+    emit.describe(
+        backbone,
+        f"{group.family} backbone shared by {len(group.members)} classifiers "
+        f"(split after {group.split_layer})",
+        {
+            "role": "backbone",
+            "fingerprint": group.fingerprint,
+            "preprocessing": group.preprocessing,
+            "members": ",".join(group.members),
+        },
+        PREPROCESSING[group.preprocessing],
+    )
+    file = f"{group.id}.mlmodel"
+    size = emit.write_spec(out / file, backbone, graph.source)
+    report.backbones.append(
+        BackboneReport(
+            id=group.id,
+            file=file,
+            bytes=size,
+            parameters=group.backbone_parameters,
+            members=list(group.members),
+            split_layer=group.split_layer,
+            preprocessing=group.preprocessing,
+        )
+    )
+    return backbone
 
 
 def _emit_pipeline(
@@ -154,7 +174,7 @@ def _emit_pipeline(
 
 def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report) -> None:
     try:
-        _keras_model, objects = _load(graph)
+        _keras_model, objects = _load(graph, model)
         spec = emit.convert_standalone(graph, objects, model)
         source = Path(model.source)
         emit.describe(

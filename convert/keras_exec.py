@@ -33,6 +33,14 @@ def load_keras_model(graph: Graph) -> Any:
         ) from None
 
 
+def output_size(model: Any, graph: Graph) -> int:
+    """Number of classes, from the loaded model's output shape."""
+    shape = tuple(model.output_shape if graph.keras_major < 3 else model.outputs[0].shape)
+    if len(shape) != 2 or shape[1] is None:
+        raise ConversionError(graph.source, f"output shape {shape} is not (None, classes)")
+    return int(shape[1])
+
+
 def layer_objects(model: Any, graph: Graph) -> dict[tuple[str, ...], Any]:
     """Map each primitive layer path in the graph to the loaded layer object."""
     objects: dict[tuple[str, ...], Any] = {}

@@ -41,16 +41,30 @@ def read_labels(path: Path) -> list[str]:
 
 
 def resolve_labels(model_path: Path, num_classes: int | None) -> tuple[list[str], str | None]:
-    """Labels for a model and where they came from. Checks the count against the output size."""
+    """Labels for a model and where they came from. Checks the count against the output size.
+
+    When the output size is unknown until Keras loads the model (a layer the static shape
+    inference does not know), file labels are returned unchecked and defaults as an empty list;
+    :func:`complete_labels` finishes the job at conversion time.
+    """
     source = labels_file_for(model_path)
+    labels = read_labels(source) if source else []
+    if num_classes is None:
+        return labels, None if source is None else str(source)
+    return complete_labels(model_path, labels, source, num_classes), (
+        None if source is None else str(source)
+    )
+
+
+def complete_labels(
+    model_path: Path, labels: list[str], source: Path | str | None, num_classes: int
+) -> list[str]:
+    """Default labels when there is no file; otherwise the file's, if the count matches."""
     if source is None:
-        if num_classes is None:
-            raise LabelsError(model_path, "output size unknown and no labels file to count")
-        return [f"class_{i}" for i in range(num_classes)], None
-    labels = read_labels(source)
-    if num_classes is not None and len(labels) != num_classes:
+        return [f"class_{i}" for i in range(num_classes)]
+    if len(labels) != num_classes:
         raise LabelsError(
             source,
             f"has {len(labels)} labels but {model_path.name} outputs {num_classes} classes",
         )
-    return labels, str(source)
+    return labels

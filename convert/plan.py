@@ -45,6 +45,7 @@ class ModelPlan:
     preprocessing: str
     labels: list[str]
     labels_source: str | None
+    output_size_known: bool
     parameters: int
     group: str | None = None  # backbone id, or None when the model converts standalone
     split_layer: str | None = None  # qualified name of the layer producing the split tensor
@@ -256,6 +257,7 @@ def analyse(
         preprocessing=chosen,
         labels=labels,
         labels_source=labels_source,
+        output_size_known=classes is not None,
         parameters=graph.parameter_count(),
     )
     return _Analysis(plan, graph, fps, cuts, cut_params)
