@@ -280,8 +280,9 @@ def group_models(
             if a.cut_parameters[t] == 0 or a.cut_parameters[t] < min_shared * a.plan.parameters:
                 continue
             key = (a.fingerprints[t], a.plan.preprocessing)
-            # the deepest tensor with this fingerprint (identity layers repeat fingerprints)
-            candidates.setdefault(key, {})[a.plan.name] = t
+            # Identity layers (Dropout, ...) repeat a fingerprint; split at its first tensor so
+            # every member splits at the same layer, and the identity stays in the head.
+            candidates.setdefault(key, {}).setdefault(a.plan.name, t)
     by_name = {a.plan.name: a for a in analyses}
     assigned: set[str] = set()
     groups: list[GroupPlan] = []
