@@ -62,6 +62,7 @@ def _quiet_coremltools():
 
 def _ct_convert(source: Path, what: str, function: Any, inputs: list[Any], **kwargs: Any) -> Any:
     ct = coremltools()
+    _reset_op_names()
     try:
         with _quiet_coremltools():
             mlmodel = ct.convert(
@@ -76,6 +77,17 @@ def _ct_convert(source: Path, what: str, function: Any, inputs: list[Any], **kwa
         text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
         raise ConversionError(source, f"coremltools cannot convert the {what}: {text}") from None
     return mlmodel.get_spec()
+
+
+def _reset_op_names() -> None:
+    """coremltools names generated ops from a process-wide counter that it resets only after a
+    successful conversion; after a failed one, the next model's layer names (and bytes) would
+    depend on that history. Reset it first, so output depends on the input alone."""
+    try:
+        from coremltools.converters.mil.converter import _reset_conversion_state
+    except ImportError:  # a coremltools without it: names may then vary after a failure
+        return
+    _reset_conversion_state()
 
 
 def image_type(preprocessing: Preprocessing, hwc: list[int]) -> Any:

@@ -353,3 +353,26 @@ def write_unconvertible(
     out.set_weights(zoo.head_weights(1280, n_classes, seed=1)[0])
     zoo.save_h5(model, path)
     return path
+
+
+def save_tiny_lgamma_classifier(path: Path, head_seed: int) -> Path:
+    """tf_keras: conv (fixed weights) -> lgamma -> pooling -> dense; 16x16 input, 2 classes.
+
+    Two of these with different ``head_seed`` share a backbone that coremltools cannot convert
+    (no Core ML op for lgamma); it fails in about a second.
+    """
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as K
+
+    inp = K.Input((16, 16, 3), name="pixels")
+    conv = K.layers.Conv2D(8, 3, name="conv", use_bias=False)
+    x = tf.math.lgamma(conv(inp) + 2.0)
+    x = K.layers.GlobalAveragePooling2D(name="gap")(x)
+    dense = K.layers.Dense(2, activation="softmax", name="dense")
+    model = K.Model(inp, dense(x))
+    conv.set_weights([np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype("float32")])
+    rng = np.random.default_rng(head_seed)
+    dense.set_weights([rng.normal(size=(8, 2)).astype("float32"), np.zeros(2, "float32")])
+    model.save(path)
+    return path

@@ -89,30 +89,11 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
     assert [p.name for p in tmp_path.iterdir()] == ["model.mlmodel"]
 
 
-def _tiny_classifier(path: Path, head_seed: int) -> Path:
-    """tf_keras: conv (fixed weights) -> lgamma (no Core ML equivalent) -> pooling -> dense."""
-    import numpy as np
-    import tensorflow as tf
-    import tf_keras as K
-
-    inp = K.Input((16, 16, 3), name="pixels")
-    conv = K.layers.Conv2D(8, 3, name="conv", use_bias=False)
-    x = tf.math.lgamma(conv(inp) + 2.0)
-    x = K.layers.GlobalAveragePooling2D(name="gap")(x)
-    dense = K.layers.Dense(2, activation="softmax", name="dense")
-    model = K.Model(inp, dense(x))
-    conv.set_weights([np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype("float32")])
-    rng = np.random.default_rng(head_seed)
-    dense.set_weights([rng.normal(size=(8, 2)).astype("float32"), np.zeros(2, "float32")])
-    model.save(path)
-    return path
-
-
 def test_a_backbone_coremltools_cannot_convert_fails_its_whole_group(tmp_path: Path, capsys):
     zoo = tmp_path / "zoo"
     zoo.mkdir()
-    _tiny_classifier(zoo / "a.h5", 1)
-    _tiny_classifier(zoo / "b.h5", 2)
+    factory.save_tiny_lgamma_classifier(zoo / "a.h5", 1)
+    factory.save_tiny_lgamma_classifier(zoo / "b.h5", 2)
     rc = main(
         ["convert", str(zoo), "--out", str(tmp_path / "build"), "--quiet", "--min-shared", "0"]
     )

@@ -161,7 +161,14 @@ def test_sizes_in_the_report_match_the_disk_and_the_overhead_is_small(built) -> 
 
 
 def test_converting_twice_gives_byte_identical_files(built, zoo: Path, tmp_path: Path) -> None:
+    """Also after a failed conversion in the same process (coremltools' op-name counter)."""
+    import factory
+
     out, _ = built
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    factory.save_tiny_lgamma_classifier(failing / "a.h5", 1)
+    assert main(["convert", str(failing), "--out", str(tmp_path / "f"), "--quiet"]) == 1
     again = tmp_path / "again"
     assert main(["convert", str(zoo), "--out", str(again), "--quiet"]) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
