@@ -169,6 +169,8 @@ def _emit_pipeline(
         head_bytes=len(emit.serialise(head)),
         standalone_bytes=len(emit.serialise(merged)),
         classes=model.num_classes,
+        labels=list(model.labels),
+        preprocessing=model.preprocessing,
     )
 
 
@@ -200,6 +202,8 @@ def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report)
                 head_bytes=size,
                 standalone_bytes=size,
                 classes=model.num_classes,
+                labels=list(model.labels),
+                preprocessing=model.preprocessing,
             )
         )
     except SplitError as exc:

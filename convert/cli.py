@@ -12,6 +12,7 @@ from pathlib import Path
 from convert import __version__
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
+from convert.verify import TOLERANCES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,8 +51,42 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "plan", parents=[common], help="show which models share which backbone (no TensorFlow)"
     )
-    convert = sub.add_parser("convert", parents=[common], help="write the Core ML files")
+    checking = argparse.ArgumentParser(add_help=False)
+    checking.add_argument(
+        "--images", type=Path, help="folder of test images (default: deterministic synthetic ones)"
+    )
+    checking.add_argument(
+        "--count", type=int, default=16, help="number of images per classifier (default 16)"
+    )
+    for storage, default in TOLERANCES.items():
+        checking.add_argument(
+            f"--atol-{storage.replace('-', '')}",
+            type=float,
+            default=default,
+            metavar="X",
+            help=f"max |dprob| allowed with {storage} weights (default {default:g})",
+        )
+    checking.add_argument(
+        "--bundle-main",
+        type=Path,
+        help="folder that $BUNDLE_MAIN stands for when resolving linked models "
+        "(default: each model's own folder)",
+    )
+
+    convert = sub.add_parser("convert", parents=[common, checking], help="write the Core ML files")
     convert.add_argument("--out", type=Path, default=Path("build"), help="output folder")
+    convert.add_argument(
+        "--verify", action="store_true", help="then check every pipeline against Keras"
+    )
+    verify = sub.add_parser(
+        "verify",
+        parents=[checking],
+        help="run each pipeline (numpy reference evaluator) and its Keras model on the same "
+        "images and compare",
+    )
+    verify.add_argument("build", type=Path, help="a folder written by `coreml-split convert`")
+    verify.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     return parser
 
 
@@ -77,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(width=width)
     err = Console(stderr=True, soft_wrap=True)
     try:
+        if args.command == "verify":
+            return _verify_command(args.build, args, out, err)
         per_model, default = _preprocessing(args.preprocess)
         from convert.plan import make_plan
 
@@ -144,7 +181,39 @@ def _convert_command(plan, graphs, args, out, err) -> int:
             f"(report: {args.out / 'report.md'})"
         )
     _print_errors(report.errors, err)
-    return EXIT_FAILED if report.errors else EXIT_OK
+    failed = bool(report.errors)
+    if args.verify:
+        failed = _verify_command(args.out, args, out, err) != EXIT_OK or failed
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _verify_command(build_dir: Path, args, out, err) -> int:
+    from convert.report import Report, write_reports
+    from convert.verify import as_json, verify_build
+
+    tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
+    show = not (args.quiet or args.json)
+    progress = (lambda msg: out.print(msg, markup=False, highlight=False)) if show else None
+    results, errors = verify_build(
+        build_dir, args.images, args.count, tolerances, args.bundle_main, progress
+    )
+    report = Report.from_json(json.loads((build_dir / "report.json").read_text()))
+    report.verify = as_json(results)
+    write_reports(report, build_dir)
+    if args.json:
+        print(json.dumps({"verify": report.verify, "errors": errors}, indent=2))
+    failures = [r for r in results if not r.passed]
+    if args.quiet:
+        for r in failures:
+            err.print(r.line, markup=False, highlight=False)
+    for path, reason in errors:
+        err.print(f"error: {path}: {reason}", markup=False, highlight=False)
+    if show:
+        out.print(
+            f"verified {len(results)} classifiers: {len(results) - len(failures)} within "
+            f"tolerance, {len(failures)} beyond, {len(errors)} could not be run"
+        )
+    return EXIT_FAILED if failures or errors else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from convert.graph import Graph
 
 # (family, layer names that must all be present, preprocessing). First match wins, so more
@@ -44,6 +46,16 @@ class Preprocessing:
     bgr: bool = False
     std: tuple[float, float, float] | None = None
     description: str = ""
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """The model's input for 0-255 pixels (..., H, W, 3 RGB or 1 gray), as Keras sees it."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if x.shape[-1] == 1:
+            return x * np.float32(self.scale) + np.float32(self.bias[0])
+        x = x * np.float32(self.scale) + np.asarray(self.bias, dtype=np.float32)
+        if self.std is not None:
+            x = x / np.asarray(self.std, dtype=np.float32)
+        return x[..., ::-1] if self.bgr else x
 
 
 PREPROCESSING: dict[str, Preprocessing] = {

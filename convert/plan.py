@@ -57,6 +57,11 @@ class ModelPlan:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def head_bytes(self) -> int:
+        """Estimated from parameters, as float32."""
+        return self.head_parameters * BYTES_PER_PARAMETER
+
 
 @dataclass
 class GroupPlan:
@@ -106,7 +111,7 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "models": [asdict(m) for m in self.models],
+            "models": [asdict(m) | {"head_bytes": m.head_bytes} for m in self.models],
             "groups": [asdict(g) | {"backbone_bytes": g.backbone_bytes} for g in self.groups],
             "standalone": [m.name for m in self.models if m.group is None],
             "errors": [asdict(e) for e in self.errors],

@@ -36,6 +36,8 @@ class ClassifierReport:
     head_bytes: int  # the head spec alone, as embedded in the pipeline
     standalone_bytes: int  # backbone + head merged into one classifier, serialised
     classes: int
+    labels: list[str] = field(default_factory=list)
+    preprocessing: str = "tf"
 
 
 @dataclass
@@ -44,6 +46,17 @@ class Report:
     classifiers: list[ClassifierReport] = field(default_factory=list)
     errors: list[ErrorEntry] = field(default_factory=list)
     lower_bound_bytes: int = 0
+    verify: list[dict[str, Any]] | None = None  # convert.verify.VerifyResult as dicts
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        return cls(
+            backbones=[BackboneReport(**b) for b in data["backbones"]],
+            classifiers=[ClassifierReport(**c) for c in data["classifiers"]],
+            errors=[ErrorEntry(**e) for e in data["errors"]],
+            lower_bound_bytes=data["totals"]["lower_bound_bytes"],
+            verify=data.get("verify"),
+        )
 
     def totals(self) -> dict[str, Any]:
         backbone = sum(b.bytes for b in self.backbones)
@@ -71,7 +84,7 @@ class Report:
             "classifiers": [asdict(c) for c in self.classifiers],
             "totals": self.totals(),
             "errors": [asdict(e) for e in self.errors],
-        }
+        } | ({"verify": self.verify} if self.verify is not None else {})
 
 
 def mb(n: int | None) -> str:
@@ -89,7 +102,16 @@ def plan_table(plan: Plan) -> Any:
     from rich.table import Table
 
     table = Table(title="Plan", title_justify="left")
-    for column in ("classifier", "backbone", "split after", "features", "head params", "labels"):
+    columns = (
+        "classifier",
+        "backbone",
+        "split after",
+        "features",
+        "head params",
+        "head bytes",
+        "labels",
+    )
+    for column in columns:
         table.add_column(column)
     groups = {g.id: g for g in plan.groups}
     for m in plan.models:
@@ -100,6 +122,7 @@ def plan_table(plan: Plan) -> Any:
             m.split_layer or "-",
             "x".join(str(d) for d in group.feature_shape[1:]) if group else "-",
             f"{m.head_parameters:,}",
+            kb_or_mb(m.head_bytes),
             ", ".join(m.labels[:4]) + (" ..." if len(m.labels) > 4 else ""),
         )
     return table
@@ -182,6 +205,24 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
         "- One-by-one bytes are measured: each classifier's backbone and head merged into one "
         "NeuralNetworkClassifier and serialised.",
     ]
+    if report.verify is not None:
+        lines += [
+            "",
+            "## Verification",
+            "",
+            "Keras vs the Core ML pipeline (run by the reference evaluator, backbone linked from "
+            "disk), on the same images.",
+            "",
+            "| classifier | images | max abs diff | mean abs diff | top-1 agreement | weights "
+            "| tolerance | result |",
+            "|---|---:|---:|---:|---:|---|---:|---|",
+        ]
+        for v in report.verify:
+            lines.append(
+                f"| {v['name']} | {v['images']} | {v['max_abs_diff']:.2e} | "
+                f"{v['mean_abs_diff']:.2e} | {v['top1_agreement']:.0%} | {v['weights']} | "
+                f"{v['tolerance']:.0e} | {'pass' if v['passed'] else '**FAIL**'} |"
+            )
     if report.errors:
         lines += ["", "## Errors", ""] + [f"- `{e.file}`: {e.reason}" for e in report.errors]
     return "\n".join(lines) + "\n"
