@@ -119,7 +119,7 @@ def plan_table(plan: Plan) -> Any:
         table.add_row(
             m.name,
             m.group or "standalone",
-            m.split_layer or "-",
+            m.split_layer.rsplit("/", 1)[-1] if m.split_layer else "-",
             "x".join(str(d) for d in group.feature_shape[1:]) if group else "-",
             f"{m.head_parameters:,}",
             kb_or_mb(m.head_bytes),
