@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "images and compare",
     )
     verify.add_argument("build", type=Path, help="a folder written by `coreml-split convert`")
+    verify.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="verify only these classifiers"
+    )
     verify.add_argument("--json", action="store_true", help="print JSON instead of lines")
     verify.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     return parser
@@ -195,10 +198,18 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
     show = not (args.quiet or args.json)
     progress = (lambda msg: out.print(msg, markup=False, highlight=False)) if show else None
     results, errors = verify_build(
-        build_dir, args.images, args.count, tolerances, args.bundle_main, progress
+        build_dir,
+        args.images,
+        args.count,
+        tolerances,
+        args.bundle_main,
+        progress,
+        only=getattr(args, "only", None) or None,
     )
     report = Report.from_json(json.loads((build_dir / "report.json").read_text()))
-    report.verify = as_json(results)
+    merged = {v["name"]: v for v in report.verify or []}  # keep earlier --only runs
+    merged.update({v["name"]: v for v in as_json(results)})
+    report.verify = [merged[c.name] for c in report.classifiers if c.name in merged]
     write_reports(report, build_dir)
     if args.json:
         print(json.dumps({"verify": report.verify, "errors": errors}, indent=2))

@@ -174,6 +174,7 @@ def verify_build(
     tolerances: dict[str, float] | None = None,
     bundle_main: Path | None = None,
     progress=None,
+    only: list[str] | None = None,
 ) -> tuple[list[VerifyResult], list[tuple[str, str]]]:
     """Verify every classifier listed in ``out/report.json``. Returns (results, errors)."""
     from convert.reference import load as load_reference
@@ -186,7 +187,13 @@ def verify_build(
     report = json.loads(report_path.read_text())
     results: list[VerifyResult] = []
     errors: list[tuple[str, str]] = []
-    for entry in report["classifiers"]:
+    entries = report["classifiers"]
+    if only:
+        unknown = sorted(set(only) - {e["name"] for e in entries})
+        if unknown:
+            raise SplitError(report_path, f"no classifier named {', '.join(unknown)}")
+        entries = [e for e in entries if e["name"] in only]
+    for entry in entries:
         pipeline = out / entry["file"]
         try:
             spec = load_reference(pipeline).spec
