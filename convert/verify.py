@@ -147,8 +147,10 @@ def weight_storage(spec: Any) -> str:
         for field, value in message.ListFields():
             if field.type != field.TYPE_MESSAGE:
                 continue
-            items = value if field.label == field.LABEL_REPEATED else [value]
+            items = [value] if hasattr(value, "ListFields") else value  # message or repeated
             for item in items:
+                if not hasattr(item, "ListFields"):  # map<string, string> entries
+                    continue
                 if type(item).__name__ == "WeightParams":
                     if item.HasField("quantization") or len(item.int8RawValue):
                         found.add("8-bit")
