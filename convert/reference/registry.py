@@ -79,7 +79,7 @@ class Layer:
         raise Unsupported(detail)
 
 
-# -- helpers shared by the layer families -------------------------------------------------------
+# -- helpers shared by the layer families ----------------------------------------------------
 
 
 def rank(x: np.ndarray) -> int:

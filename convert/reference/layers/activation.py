@@ -49,9 +49,7 @@ _ACTIVATIONS: dict[str, Activation] = {
     "tanh": lambda layer, m, x: np.tanh(x),
     "scaledTanh": lambda layer, m, x: np.float32(m.alpha) * np.tanh(np.float32(m.beta) * x),
     "sigmoid": lambda layer, m, x: _sigmoid(x),
-    "sigmoidHard": lambda layer, m, x: np.clip(
-        np.float32(m.alpha) * x + np.float32(m.beta), 0, 1
-    ),
+    "sigmoidHard": lambda layer, m, x: np.clip(np.float32(m.alpha) * x + np.float32(m.beta), 0, 1),
     "ELU": lambda layer, m, x: np.where(x >= 0, x, np.float32(m.alpha) * np.expm1(x)),
     "softsign": lambda layer, m, x: x / (1 + np.abs(x)),
     "softplus": lambda layer, m, x: _softplus(x),

@@ -17,7 +17,7 @@ from convert.reference.registry import Layer, need_rank, rank, register
 Pads = tuple[int, int, int, int]  # top, bottom, left, right
 
 
-# -- padding arithmetic ------------------------------------------------------------------------
+# -- padding arithmetic ----------------------------------------------------------------------
 
 
 def _pair(values, default: int) -> tuple[int, int]:
@@ -41,9 +41,7 @@ def _border(valid) -> Pads:
 
 def _same_1d(size: int, kernel: int, stride: int, top_left_heavy: bool) -> tuple[int, int]:
     out = -(-size // stride)
-    total = max(0, (out - 1) * stride + kernel - size)
-    small = total // 2
-    return (total - small, small) if top_left_heavy else (small, total - small)
+    return _split((out - 1) * stride + kernel - size, top_left_heavy)
 
 
 def _same(layer: Layer, same, hw: tuple[int, int], kernel, stride) -> Pads:
@@ -76,7 +74,7 @@ def _as_nchw(x: np.ndarray) -> np.ndarray:
     return x.reshape((-1, *x.shape[-3:]))
 
 
-# -- convolution -------------------------------------------------------------------------------
+# -- convolution -----------------------------------------------------------------------------
 
 
 @register("convolution")
@@ -90,7 +88,7 @@ def convolution(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     dilation = _pair(p.dilationFactor, 1)
     groups = int(p.nGroups) or 1
     shape = (int(p.outputChannels), int(p.kernelChannels), *kernel)
-    w = xs[1][0] if len(xs) > 1 else layer.weight("weights", shape)
+    w = _dynamic_weights(layer, xs[1]) if len(xs) > 1 else layer.weight("weights", shape)
     if w.shape != shape or x.shape[-3] != shape[1] * groups:
         raise ValueError(f"weights {w.shape} / input channels {x.shape[-3]} / groups {groups}")
     span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
@@ -104,6 +102,13 @@ def convolution(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     if p.hasBias:
         y += layer.weight("bias", (shape[0],))[:, None, None]
     return y.reshape(x.shape[:-3] + y.shape[-3:])
+
+
+def _dynamic_weights(layer: Layer, blob: np.ndarray) -> np.ndarray:
+    """Weights given as a second input: one set for the whole batch (a constant) only."""
+    if blob.shape[0] != 1:
+        layer.unsupported("weights that differ between the predictions of a batch")
+    return blob[0]
 
 
 def _conv_pads(layer: Layer, hw, span, stride) -> Pads:
@@ -123,17 +128,18 @@ def _out_size(size: int, span: int, stride: int) -> int:
 
 
 def _dense_conv(x: np.ndarray, w: np.ndarray, stride, dilation) -> np.ndarray:
-    n, c, h, wd = x.shape
+    n, c = x.shape[:2]
     cout, _, kh, kw = w.shape
     if (kh, kw) == (1, 1):
         x = x[:, :, :: stride[0], :: stride[1]]
-        cols = x.reshape(n, c, -1)
+        ho, wo = x.shape[2:]
+        cols = x.reshape(n, c, ho * wo)
     else:
         view = _windows(x, (kh, kw), stride, dilation)  # n, c, ho, wo, kh, kw
-        x = view[..., 0, 0]
-        cols = view.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, -1)
+        ho, wo = view.shape[2:4]
+        cols = view.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
     y = np.matmul(w.reshape(cout, -1), cols)
-    return y.reshape(n, cout, *x.shape[-2:])
+    return y.reshape(n, cout, ho, wo)
 
 
 def _grouped_conv(x: np.ndarray, w: np.ndarray, groups: int, stride, dilation) -> np.ndarray:
@@ -200,19 +206,39 @@ def _scatter_taps(x: np.ndarray, w: np.ndarray, stride) -> np.ndarray:
 
 
 def _deconv_crop(layer: Layer, full: np.ndarray, hw, kernel, stride) -> np.ndarray:
+    """Crop the full transposed convolution to the output size. With ``outputShape`` set, the
+    difference is cropped like TensorFlow's conv2d_transpose, which coremltools converts from:
+    split by the asymmetry mode for ``same``, from the end (or zero-padded there) otherwise."""
     p = layer.params
     kind = p.WhichOneof("ConvolutionPaddingType")
     if len(p.outputShape):
-        layer.unsupported(f"deconvolution with an explicit outputShape {list(p.outputShape)}")
+        out = _pair(p.outputShape, 0)
+        if kind == "same":
+            heavy = layer.enum("asymmetryMode", p.same) == "TOP_LEFT_HEAVY"
+            starts = [_split(f - o, heavy)[0] for f, o in zip(full.shape[-2:], out)]
+        else:
+            starts = [0, 0]
+        pads = [(0, 0)] * (full.ndim - 2) + [
+            (0, max(0, s + o - f)) for s, o, f in zip(starts, out, full.shape[-2:])
+        ]
+        full = np.pad(full, pads)
+        return full[..., starts[0] : starts[0] + out[0], starts[1] : starts[1] + out[1]]
     if kind == "same":
         out = (hw[0] * stride[0], hw[1] * stride[1])
-        top, bottom, left, right = _same(layer, p.same, out, kernel, stride)
-    else:
-        top, bottom, left, right = _border(p.valid) if kind == "valid" else (0, 0, 0, 0)
+        heavy = layer.enum("asymmetryMode", p.same) == "TOP_LEFT_HEAVY"
+        starts = [_split(f - o, heavy)[0] for f, o in zip(full.shape[-2:], out)]
+        return full[..., starts[0] : starts[0] + out[0], starts[1] : starts[1] + out[1]]
+    top, bottom, left, right = _border(p.valid) if kind == "valid" else (0, 0, 0, 0)
     return full[..., top : full.shape[-2] - bottom, left : full.shape[-1] - right]
 
 
-# -- pooling -----------------------------------------------------------------------------------
+def _split(total: int, top_left_heavy: bool) -> tuple[int, int]:
+    total = max(0, total)
+    small = total // 2
+    return (total - small, small) if top_left_heavy else (small, total - small)
+
+
+# -- pooling ---------------------------------------------------------------------------------
 
 
 @register("pooling")
@@ -271,7 +297,7 @@ def _pool_counts(hw, pads: Pads, counted: Pads, kernel, stride) -> np.ndarray:
     return _windows(mask, kernel, stride).sum(axis=(-2, -1))
 
 
-# -- padding -----------------------------------------------------------------------------------
+# -- padding ---------------------------------------------------------------------------------
 
 
 @register("padding")

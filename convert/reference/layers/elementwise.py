@@ -23,7 +23,7 @@ def _fold(op: Binary, xs: list[np.ndarray]) -> np.ndarray:
     return functools.reduce(op, aligned(xs)).astype(np.float32, copy=False)
 
 
-# -- legacy n-ary layers -----------------------------------------------------------------------
+# -- legacy n-ary layers ---------------------------------------------------------------------
 
 
 @register("add")
@@ -55,7 +55,7 @@ def minimum(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return _fold(np.minimum, xs)
 
 
-# -- broadcastable binary layers ---------------------------------------------------------------
+# -- broadcastable binary layers -------------------------------------------------------------
 
 _BINARY: dict[str, Binary] = {
     "addBroadcastable": np.add,
@@ -83,7 +83,7 @@ for _kind, _op in _BINARY.items():
     register(_kind)(_binary(_op))
 
 
-# -- comparisons and logic (1.0 for true, 0.0 for false) ----------------------------------------
+# -- comparisons and logic (1.0 for true, 0.0 for false) -------------------------------------
 
 _COMPARE: dict[str, Binary] = {
     "equal": np.equal,
@@ -127,7 +127,7 @@ def logical_not(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return (xs[0] == 0).astype(np.float32)
 
 
-# -- unary -------------------------------------------------------------------------------------
+# -- unary -----------------------------------------------------------------------------------
 
 
 @register("unary")
@@ -196,7 +196,7 @@ def clip(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return np.minimum(np.maximum(xs[0], np.float32(p.minVal)), np.float32(p.maxVal))
 
 
-# -- scale and bias (legacy, broadcast over C, H, W) --------------------------------------------
+# -- scale and bias (legacy, broadcast over C, H, W) -----------------------------------------
 
 
 def _chw(layer: Layer, name: str, shape: list[int]) -> np.ndarray:

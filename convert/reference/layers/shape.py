@@ -25,7 +25,7 @@ def _ints(values) -> list[int]:
     return [int(v) for v in values]
 
 
-# -- reshapes ----------------------------------------------------------------------------------
+# -- reshapes --------------------------------------------------------------------------------
 
 
 @register("reshapeStatic")
@@ -88,7 +88,7 @@ def flatten_to_2d(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return x.reshape(x.shape[0], math.prod(x.shape[1 : split + 1]), -1)
 
 
-# -- axis order --------------------------------------------------------------------------------
+# -- axis order ------------------------------------------------------------------------------
 
 
 @register("transpose")
@@ -114,7 +114,7 @@ def permute(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, moved[0], 2, *moved[1:]))
 
 
-# -- joining and splitting ---------------------------------------------------------------------
+# -- joining and splitting -------------------------------------------------------------------
 
 
 @register("concat")
@@ -164,7 +164,7 @@ def split_nd(layer: Layer, xs: list[np.ndarray]) -> list[np.ndarray]:
     return np.split(x, np.cumsum(sizes)[:-1], axis=along)
 
 
-# -- slicing -----------------------------------------------------------------------------------
+# -- slicing ---------------------------------------------------------------------------------
 
 
 @register("sliceStatic")
@@ -201,7 +201,7 @@ def slice_legacy(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return x[tuple(index)]
 
 
-# -- rank changes ------------------------------------------------------------------------------
+# -- rank changes ----------------------------------------------------------------------------
 
 
 @register("squeeze")
@@ -225,7 +225,7 @@ def expand_dims(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return np.expand_dims(x, axes(new, rank(x) + len(new)))
 
 
-# -- constants and broadcasts -------------------------------------------------------------------
+# -- constants and broadcasts ----------------------------------------------------------------
 
 
 @register("loadConstantND")
