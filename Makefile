@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODELS ?= models
 OUT    ?= build
 
-.PHONY: convert plan test lint demo-zoo clean
+.PHONY: convert plan verify test lint demo-zoo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo-zoo: $(STAMP)
 
 convert: demo-zoo
 	$(BIN)/coreml-split convert $(MODELS) --out $(OUT)
+
+verify: $(STAMP)
+	$(BIN)/coreml-split verify $(OUT) $(if $(wildcard $(MODELS)/demo-images),--images $(MODELS)/demo-images)
 
 plan: $(STAMP)
 	$(BIN)/coreml-split plan $(MODELS)

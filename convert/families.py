@@ -20,8 +20,8 @@ FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...], str]] = [
     ("MobileNetV3", ("expanded_conv_project_bn",), "raw"),
     ("MobileNetV3", ("expanded_conv/project",), "raw"),
     ("MobileNet", ("conv_dw_1", "conv_pw_1"), "tf"),
+    ("EfficientNet", ("block1a_dwconv", "stem_conv"), "raw"),  # V2 starts with fused blocks
     ("EfficientNetV2", ("block1a_project_conv", "stem_conv", "block2a_expand_conv"), "raw"),
-    ("EfficientNet", ("block1a_dwconv", "stem_conv"), "raw"),
     ("DenseNet", ("conv2_block1_1_conv", "pool2_conv"), "torch"),
     ("ResNetV2", ("conv2_block1_preact_bn",), "tf"),
     ("ResNet", ("conv2_block1_1_conv", "conv1_conv"), "caffe"),

@@ -73,6 +73,10 @@ DEFAULTS = {
 CALL_KWARGS_IGNORED = {"training", "mask"}
 
 
+# Names Keras 2 and Keras 3 give to the same activation function.
+ACTIVATION_ALIASES = {"swish": "silu"}
+
+
 def _canonical(value: Any) -> Any:
     """Numbers compare by value (6 == 6.0), tuples like lists; dict keys sorted by json."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
@@ -105,6 +109,8 @@ def normalised_config(layer: Layer, input_ranks: list[int | None]) -> dict[str, 
                 continue
         if key in DEFAULTS and _canonical(value) == _canonical(DEFAULTS[key]):
             continue
+        if key == "activation" and isinstance(value, str):
+            value = ACTIVATION_ALIASES.get(value, value)
         out[key] = value
     if "axis" in out and layer.class_name in {"BatchNormalization", "LayerNormalization"}:
         out["axis"] = _normalise_axis(out["axis"], input_ranks[0] if input_ranks else None)

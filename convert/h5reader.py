@@ -327,7 +327,7 @@ def _refs(raw: Any) -> list[tuple[str, int, int]]:
 
 def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer], digest: bool):
     """Give every primitive layer its weights, whatever nesting and naming the file used."""
-    names = root.attrs.get("layer_names")
+    names = _attr_list(root, "layer_names")
     if names is None:
         return
     for top in (_text(n) for n in names):
@@ -335,7 +335,7 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
             continue
         group = root[top]
         owners = [layer for p, layer in layers.items() if p[0] == top]
-        for raw_name in group.attrs.get("weight_names", []):
+        for raw_name in _attr_list(group, "weight_names") or []:
             weight_name = _text(raw_name)
             owner = _owner(weight_name, owners)
             if owner is None:
@@ -346,6 +346,20 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
             owner.weights.append(
                 _weight(f"{group.name}/{weight_name}", weight_name, dataset, digest)
             )
+
+
+def _attr_list(obj: Any, name: str) -> list[Any] | None:
+    """A list attribute. Keras splits one over 64 kB into ``name0``, ``name1``, ... (NASNet)."""
+    if name in obj.attrs:
+        return list(obj.attrs[name])
+    if f"{name}0" not in obj.attrs:
+        return None
+    out: list[Any] = []
+    chunk = 0
+    while f"{name}{chunk}" in obj.attrs:
+        out.extend(obj.attrs[f"{name}{chunk}"])
+        chunk += 1
+    return out
 
 
 def _owner(weight_name: str, owners: list[Layer]) -> Layer | None:
