@@ -46,7 +46,7 @@ def build_model(folder: Path, size: int, alpha: float) -> Path:
         10,
         activation="softmax",
         name="head",
-        kernel_initializer=k.initializers.RandomNormal(stddev=0.002, seed=0),
+        kernel_initializer=k.initializers.RandomNormal(stddev=0.05, seed=0),
     )
     out = head(base(inp, training=False))
     path = folder / "bench.h5"
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|",
         *[f"| {name} | {seconds:.2f} | {ratio:.1f}x |" for name, seconds, ratio in rows],
         "",
-        f"max |dprob| between the two: {diff:.1e} (probabilities span {spread:.2f}). "
+        f"max |dprob| between the two: {diff:.1e}; the probabilities span only {spread:.1e} "
+        "on this random-weight model, so accuracy is left to the parity tests. "
         f"Converting the zoo (backbone once, two heads) took {convert_seconds:.1f} s.",
     ]
     table = "\n".join(lines) + "\n"
