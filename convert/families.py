@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from convert.graph import Graph
+from convert.shapes import ARITHMETIC_FUNCTIONS
 
 # (family, layer names that must all be present, preprocessing). First match wins, so more
 # specific signatures come first.
@@ -94,15 +95,7 @@ def detect_family(graph: Graph, node_indices: set[int] | None = None) -> str | N
 
 # Layers that rescale pixels when they sit between the input and the first weighted layer.
 SCALING_CLASSES = {"Rescaling", "Normalization", "TrueDivide", "Divide", "Subtract", "Multiply"}
-SCALING_FUNCTIONS = {
-    "math.truediv",
-    "math.divide",
-    "math.subtract",
-    "math.multiply",
-    "math.add",
-    "__operators__.add",
-    "nn.bias_add",
-}
+SCALING_FUNCTIONS = ARITHMETIC_FUNCTIONS | {"nn.bias_add"}
 
 
 def scales_input_inside(graph: Graph) -> bool:

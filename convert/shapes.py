@@ -182,14 +182,17 @@ def _reshape(config: dict[str, Any], shapes: list[Shape]) -> Shape:
     return (shapes[0][0], *target)
 
 
-# tf_keras TFOpLambda functions and Keras 3 operation layers that broadcast elementwise.
-ELEMENTWISE_FUNCTIONS = {
+# tf_keras TFOpLambda functions for the four arithmetic operations.
+ARITHMETIC_FUNCTIONS = {
     "math.truediv",
     "math.divide",
     "math.subtract",
     "math.multiply",
     "math.add",
     "__operators__.add",
+}
+# TFOpLambda functions that broadcast elementwise.
+ELEMENTWISE_FUNCTIONS = ARITHMETIC_FUNCTIONS | {
     "math.maximum",
     "math.minimum",
     "math.pow",
