@@ -138,13 +138,7 @@ def _emit_pipeline(
     model: ModelPlan, group: GroupPlan, backbone, head, backbone_file: str, out: Path
 ) -> ClassifierReport:
     pre = PREPROCESSING[model.preprocessing]
-    source = Path(model.source)
-    user = {
-        "role": "head",
-        "source": source.name,
-        "source_sha256": emit.file_sha256(source),
-        "labels": emit.labels_metadata(model.labels),
-    }
+    user = _source_metadata(model) | {"role": "head"}
     emit.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
     stub = emit.make_stub(backbone, backbone_file)
     pipeline = emit.make_pipeline(stub, head)
@@ -159,15 +153,32 @@ def _emit_pipeline(
     merged = emit.merge_standalone(backbone, head)
     emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
     file = f"{model.name}.mlmodel"
-    size = emit.write_spec(out / file, pipeline, source)
+    size = emit.write_spec(out / file, pipeline, Path(model.source))
+    return _classifier_report(
+        model, group.id, file, size, len(emit.serialise(head)), len(emit.serialise(merged))
+    )
+
+
+def _source_metadata(model: ModelPlan) -> dict[str, str]:
+    source = Path(model.source)
+    return {
+        "source": source.name,
+        "source_sha256": emit.file_sha256(source),
+        "labels": emit.labels_metadata(model.labels),
+    }
+
+
+def _classifier_report(
+    model: ModelPlan, group: str | None, file: str, size: int, head: int, standalone: int
+) -> ClassifierReport:
     return ClassifierReport(
         name=model.name,
         source=model.source,
-        group=group.id,
+        group=group,
         file=file,
         bytes=size,
-        head_bytes=len(emit.serialise(head)),
-        standalone_bytes=len(emit.serialise(merged)),
+        head_bytes=head,
+        standalone_bytes=standalone,
         classes=model.num_classes,
         labels=list(model.labels),
         preprocessing=model.preprocessing,
@@ -178,34 +189,15 @@ def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report)
     try:
         _keras_model, objects = _load(graph, model)
         spec = emit.convert_standalone(graph, objects, model)
-        source = Path(model.source)
         emit.describe(
             spec,
             f"{model.name}: {model.num_classes}-class image classifier (standalone)",
-            {
-                "role": "standalone",
-                "source": source.name,
-                "source_sha256": emit.file_sha256(source),
-                "labels": emit.labels_metadata(model.labels),
-            },
+            _source_metadata(model) | {"role": "standalone"},
             PREPROCESSING[model.preprocessing],
         )
         file = f"{model.name}.mlmodel"
-        size = emit.write_spec(out / file, spec, source)
-        report.classifiers.append(
-            ClassifierReport(
-                name=model.name,
-                source=model.source,
-                group=None,
-                file=file,
-                bytes=size,
-                head_bytes=size,
-                standalone_bytes=size,
-                classes=model.num_classes,
-                labels=list(model.labels),
-                preprocessing=model.preprocessing,
-            )
-        )
+        size = emit.write_spec(out / file, spec, Path(model.source))
+        report.classifiers.append(_classifier_report(model, None, file, size, size, size))
     except SplitError as exc:
         report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
     finally:
