@@ -1,45 +1,239 @@
 """Carrying out a plan: convert each group's backbone once, then every head, and write the files.
 
-Only one Keras model is held in memory at a time. A failure is recorded against the files it
-concerns and the rest of the zoo still converts.
+The work is cut into jobs: one per group (its backbone, then its members' heads and pipelines)
+and one per standalone model. Before anything runs, every output's recipe (see
+``convert/cache.py``) is compared with the one it was last written from; jobs with nothing stale
+are skipped, so a rerun with nothing changed imports neither TensorFlow nor coremltools. The
+remaining jobs run in worker processes, two at a time by default (each converts one backbone
+with one Keras model in memory, so peak memory depends on the largest backbone, not on the number
+of models), or in this process when there is one job.
+
+A failure is recorded against the files it concerns and the rest of the zoo still converts.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from convert import emit
+from convert.cache import Cache, file_sha256, recipe, tool_versions
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
 from convert.graph import Graph
 from convert.labels import complete_labels
+from convert.manifest import Manifest, ModelSettings
 from convert.plan import ErrorEntry, GroupPlan, ModelPlan, Plan
 from convert.report import BackboneReport, ClassifierReport, Report
 
 Progress = Callable[[str], None]
+DEFAULT_JOBS = 2
+
+
+@dataclass
+class Job:
+    """One unit of work for a worker: a group, or one standalone model."""
+
+    group: GroupPlan | None
+    models: list[ModelPlan]  # the group's members (in order), or the standalone model
+    graphs: dict[str, Graph]
+    settings: dict[str, ModelSettings]
+    out: Path
+    recipes: dict[str, str]  # output file -> recipe
+    stale: list[str]  # names of the models whose file must be (re)written
+    write_backbone: bool
+    backbone_settings: ModelSettings = field(default_factory=ModelSettings)
+
+    @property
+    def label(self) -> str:
+        if self.group is None:
+            return self.models[0].name
+        return self.group.id
+
+
+@dataclass
+class JobResult:
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> report row
+    errors: list[ErrorEntry] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def build(
-    plan: Plan, graphs: dict[str, Graph], out: Path, progress: Progress | None = None
+    plan: Plan,
+    graphs: dict[str, Graph],
+    out: Path,
+    progress: Progress | None = None,
+    manifest: Manifest | None = None,
+    jobs: int = DEFAULT_JOBS,
 ) -> Report:
     say = progress or (lambda _msg: None)
+    manifest = manifest or Manifest()
     report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
     out.mkdir(parents=True, exist_ok=True)
-    steps = len(plan.groups) + sum(1 for m in plan.models if m.group is None)
-    step = 0
-    for group in plan.groups:
-        step += 1
-        say(f"[{step}/{steps}] {group.id}: backbone once, then {len(group.members)} heads")
-        _build_group(plan, group, graphs, out, report, say)
-    for model in plan.models:
-        if model.group is None:
-            step += 1
-            say(f"[{step}/{steps}] {model.name}: standalone ({model.standalone_reason})")
-            _build_standalone(model, graphs[model.name], out, report)
+    cache = Cache(out)
+    work = _jobs(plan, graphs, out, manifest, cache)
+    todo = [job for job in work if job.stale or job.write_backbone]
+    fresh = len(work) - len(todo)
+    if fresh:
+        say(f"{fresh} of {len(work)} jobs up to date")
+    results = _run(todo, jobs, say)
+    for job in work:
+        result = results.get(job.label, JobResult())
+        report.errors.extend(result.errors)
+        for file, wanted in job.recipes.items():
+            if file in result.written:
+                cache.record(file, wanted, result.written[file])
+            elif cache.fresh(file, wanted) is None:
+                cache.forget(file)
+        _collect(job, cache, report)
+    cache.save()
     return report
+
+
+# -- planning the jobs ----------------------------------------------------------------------
+
+
+def _jobs(
+    plan: Plan, graphs: dict[str, Graph], out: Path, manifest: Manifest, cache: Cache
+) -> list[Job]:
+    versions = tool_versions()
+    sha = {m.name: file_sha256(Path(m.source)) for m in plan.models}
+    jobs = []
+    for group in plan.groups:
+        members = [plan.model(n) for n in group.members]
+        settings = {m.name: manifest.for_model(m.name) for m in members}
+        backbone_file = f"{group.id}.mlmodel"
+        backbone_recipe = recipe("backbone", versions, _backbone_key(group, members[0]))
+        recipes = {backbone_file: backbone_recipe}
+        for m in members:
+            recipes[f"{m.name}.mlmodel"] = recipe(
+                "pipeline", versions, backbone_recipe, _model_key(m, sha[m.name], settings[m.name])
+            )
+        stale = [m.name for m in members if not cache.fresh(*_output(m, recipes))]
+        jobs.append(
+            Job(
+                group=group,
+                models=members,
+                graphs={m.name: graphs[m.name] for m in members},
+                settings=settings,
+                out=out,
+                recipes=recipes,
+                stale=stale,
+                write_backbone=cache.fresh(backbone_file, backbone_recipe) is None,
+                backbone_settings=manifest.defaults,
+            )
+        )
+    for m in plan.models:
+        if m.group is None:
+            settings = manifest.for_model(m.name)
+            file = f"{m.name}.mlmodel"
+            wanted = recipe("standalone", versions, _model_key(m, sha[m.name], settings))
+            jobs.append(
+                Job(
+                    group=None,
+                    models=[m],
+                    graphs={m.name: graphs[m.name]},
+                    settings={m.name: settings},
+                    out=out,
+                    recipes={file: wanted},
+                    stale=[] if cache.fresh(file, wanted) else [m.name],
+                    write_backbone=False,
+                )
+            )
+    return jobs
+
+
+def _output(model: ModelPlan, recipes: dict[str, str]) -> tuple[str, str]:
+    file = f"{model.name}.mlmodel"
+    return file, recipes[file]
+
+
+def _backbone_key(group: GroupPlan, first: ModelPlan) -> dict[str, Any]:
+    """What the backbone's bytes depend on: its weights and structure (the fingerprint), the
+    preprocessing, the input, the file name. Not its members: a new classifier on the same
+    backbone leaves the backbone file as it is."""
+    return {
+        "fingerprint": group.fingerprint,
+        "preprocessing": group.preprocessing,
+        "input_shape": first.input_shape,
+        "file": group.id,
+        "family": group.family,
+        "split_layer": group.split_layer,
+        "feature_shape": group.feature_shape,
+    }
+
+
+def _model_key(model: ModelPlan, sha256: str, settings: ModelSettings) -> dict[str, Any]:
+    """What a classifier's file depends on. Where the zoo lies on disk is not part of it: the
+    files carry the source's name and hash, not its path."""
+    where = {"source": Path(model.source).name, "labels_source": None}
+    return {
+        "source_sha256": sha256,
+        "plan": asdict(model) | where,
+        "settings": asdict(settings) | {"labels_source": None},
+    }
+
+
+# -- running them ---------------------------------------------------------------------------
+
+
+def _run(todo: list[Job], jobs: int, say: Progress) -> dict[str, JobResult]:
+    if not todo:
+        return {}
+    workers = max(1, min(jobs, len(todo), os.cpu_count() or 1))
+    if workers == 1:
+        return {job.label: run_job(job, say) for job in todo}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Manager().Queue()
+    results: dict[str, JobResult] = {}
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_run_in_worker, job, queue): job for job in todo}
+        pending = set(futures)
+        while pending:
+            while not queue.empty():
+                say(queue.get())
+            done = {f for f in pending if f.done()}
+            for future in done:
+                job = futures[future]
+                try:
+                    results[job.label] = future.result()
+                except Exception as exc:  # a worker that died: its files are reported, not lost
+                    results[job.label] = JobResult(
+                        errors=[
+                            ErrorEntry(m.source, f"conversion process failed: {exc}")
+                            for m in job.models
+                            if m.name in job.stale
+                        ]
+                    )
+            pending -= done
+            if pending:
+                time.sleep(0.05)
+        while not queue.empty():
+            say(queue.get())
+    return results
+
+
+def _run_in_worker(job: Job, queue: Any) -> JobResult:
+    return run_job(job, queue.put)
+
+
+def run_job(job: Job, say: Progress) -> JobResult:
+    """Carry out one job (in a worker process or here)."""
+    started = time.perf_counter()
+    if job.group is None:
+        result = _standalone_job(job, say)
+    else:
+        result = _group_job(job, say)
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _load(graph: Graph, plan: ModelPlan):
@@ -57,115 +251,207 @@ def _load(graph: Graph, plan: ModelPlan):
 
 def _release() -> None:
     """Drop Keras' global state between models so memory does not grow with the zoo."""
+    import sys
+
     from convert.heavy import keras
 
-    keras(3).backend.clear_session()
-    keras(2).backend.clear_session()
+    if "keras" in sys.modules:
+        keras(3).backend.clear_session()
+    if "tf_keras" in sys.modules:
+        keras(2).backend.clear_session()
     gc.collect()
 
 
-def _build_group(
-    plan: Plan, group: GroupPlan, graphs: dict[str, Graph], out: Path, report: Report, say: Progress
-) -> None:
-    """The backbone from the first member whose file loads, then every member's head.
+class _Objects:
+    """Loaded Keras layer objects for one model, loaded on first use."""
+
+    def __init__(self, graph: Graph, model: ModelPlan) -> None:
+        self.graph, self.model, self._objects = graph, model, None
+
+    def get(self):
+        if self._objects is None:
+            _keras_model, self._objects = _load(self.graph, self.model)
+        return self._objects
+
+
+def _group_job(job: Job, say: Progress) -> JobResult:
+    """The backbone (from the cache, or converted from the first member whose file loads), then
+    the heads and pipelines of the stale members.
 
     A file that fails to load or whose head fails costs only that classifier. A backbone that
     coremltools cannot convert costs the whole group, and every member is told why.
     """
+    from convert.cache import Cache
+
+    group = job.group
+    assert group is not None
+    result = JobResult()
+    cache = Cache(job.out)
     backbone_file = f"{group.id}.mlmodel"
-    backbone = None
-    for index, name in enumerate(group.members):
-        model, graph = plan.model(name), graphs[name]
-        started = time.perf_counter()
-        try:
-            _keras_model, objects = _load(graph, model)
-            if backbone is None:
-                try:
-                    backbone = _write_backbone(group, graph, objects, model, out, report)
-                except SplitError as exc:
-                    report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
-                    for other in group.members[index + 1 :]:
-                        report.errors.append(
-                            ErrorEntry(
-                                plan.model(other).source,
-                                f"not converted: its shared backbone {group.id} failed "
-                                f"to convert ({exc.reason})",
-                            )
+    key = job.recipes[backbone_file]
+    backbone = _cached_spec(cache, key)
+    loaded: dict[str, _Objects] = {}
+    if backbone is None:
+        say(f"{group.id}: converting the backbone")
+        failure = None
+        for model in job.models:
+            objects = _Objects(job.graphs[model.name], model)
+            try:
+                backbone = emit.convert_backbone(objects.graph, objects.get(), model, group)
+                loaded[model.name] = objects
+                break
+            except SplitError as exc:
+                failure = exc
+                if "cannot load" not in exc.reason:  # coremltools failed: no member will do
+                    break
+                result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+        if backbone is None:
+            reported = {e.file for e in result.errors}
+            for model in job.models:
+                if model.source in reported:
+                    continue  # its own file failed to load: already said
+                if failure is not None and str(failure.path) == model.source:
+                    result.errors.append(ErrorEntry(model.source, failure.reason))
+                else:
+                    reason = failure.reason if failure else "no member file loads"
+                    result.errors.append(
+                        ErrorEntry(
+                            model.source,
+                            f"not converted: its shared backbone {group.id} failed to convert "
+                            f"({reason})",
                         )
-                    return
-            head = emit.convert_head(graph, objects, model)
-            report.classifiers.append(
-                _emit_pipeline(model, group, backbone, head, backbone_file, out)
-            )
-            say(f"    {name}: {time.perf_counter() - started:.1f}s")
-        except SplitError as exc:
-            report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
-        finally:
+                    )
             _release()
+            return result
+        _describe_backbone(backbone, group, job.backbone_settings)
+        cache.put(key, emit.serialise(backbone))
+    if job.write_backbone:
+        size = emit.write_spec(job.out / backbone_file, backbone, job.models[0].source)
+        result.written[backbone_file] = {"file": backbone_file, "bytes": size}
+    backbone_sha = _sha_of(job.out / backbone_file)
+    for model in job.models:
+        if model.name not in job.stale:
+            continue
+        started = time.perf_counter()
+        objects = loaded.get(model.name) or _Objects(job.graphs[model.name], model)
+        try:
+            head = _head(objects, model)
+            file = f"{model.name}.mlmodel"
+            row = _emit_pipeline(
+                model, group, backbone, head, backbone_file, backbone_sha, job, file
+            )
+            result.written[file] = row
+            say(f"{model.name}: head and pipeline in {time.perf_counter() - started:.1f}s")
+        except SplitError as exc:
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+        finally:
+            if objects._objects is not None:
+                _release()
+    return result
 
 
-def _write_backbone(group: GroupPlan, graph: Graph, objects, model: ModelPlan, out: Path, report):
-    backbone = emit.convert_backbone(graph, objects, model, group)
+def _cached_spec(cache: Cache, key: str):
+    data = cache.get(key)
+    if data is None:
+        return None
+    Model_pb2, _ = emit._proto()
+    return Model_pb2.Model.FromString(data)
+
+
+def _sha_of(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _head(objects: _Objects, model: ModelPlan):
+    """The head spec: built straight from the weights when its layers allow, else converted."""
+    try:
+        from convert import fast_head
+    except ImportError:  # TEMP until fast_head lands
+        return emit.convert_head(objects.graph, objects.get(), model)
+
+    graph = objects.graph
+    assert model.split_tensor is not None
+    shape = emit.feature_shape(graph, model.split_tensor)
+    if fast_head.supported(graph, model.split_tensor, graph.outputs[0]) is None:
+        return fast_head.build_head(graph, model.split_tensor, list(model.labels), shape)
+    return emit.convert_head(graph, objects.get(), model)
+
+
+def _describe_backbone(backbone, group: GroupPlan, settings: ModelSettings) -> None:
     emit.describe(
         backbone,
-        f"{group.family} backbone shared by {len(group.members)} classifiers "
-        f"(split after {group.split_layer})",
+        f"{group.family} backbone, split after {group.split_layer}; shared by coreml-split "
+        "pipelines",
         {
             "role": "backbone",
             "fingerprint": group.fingerprint,
             "preprocessing": group.preprocessing,
-            "members": ",".join(group.members),
         },
         PREPROCESSING[group.preprocessing],
+        author=settings.author,
+        license=settings.license,
+        version=settings.version,
     )
-    file = f"{group.id}.mlmodel"
-    size = emit.write_spec(out / file, backbone, graph.source)
-    report.backbones.append(
-        BackboneReport(
-            id=group.id,
-            file=file,
-            bytes=size,
-            parameters=group.backbone_parameters,
-            members=list(group.members),
-            split_layer=group.split_layer,
-            preprocessing=group.preprocessing,
-        )
-    )
-    return backbone
 
 
 def _emit_pipeline(
-    model: ModelPlan, group: GroupPlan, backbone, head, backbone_file: str, out: Path
-) -> ClassifierReport:
+    model: ModelPlan,
+    group: GroupPlan,
+    backbone,
+    head,
+    backbone_file: str,
+    backbone_sha: str,
+    job: Job,
+    file: str,
+) -> dict[str, Any]:
+    settings = job.settings[model.name]
     pre = PREPROCESSING[model.preprocessing]
-    user = _source_metadata(model) | {"role": "head"}
+    user = _source_metadata(model, settings) | {"role": "head"}
     emit.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
     stub = emit.make_stub(backbone, backbone_file)
     pipeline = emit.make_pipeline(stub, head)
+    title = settings.display_name or model.name
     emit.describe(
         pipeline,
-        f"{model.name}: {model.num_classes}-class image classifier on the shared {group.family} "
+        settings.description
+        or f"{title}: {model.num_classes}-class image classifier on the shared {group.family} "
         f"backbone {emit.compiled_name(backbone_file)}",
         user
-        | {"role": "pipeline", "backbone": backbone_file, "split_layer": model.split_layer or ""},
+        | {
+            "role": "pipeline",
+            "backbone": backbone_file,
+            "backbone_fingerprint": group.fingerprint,
+            "backbone_sha256": backbone_sha,
+            "split_layer": model.split_layer or "",
+        },
         pre,
+        author=settings.author,
+        license=settings.license,
+        version=settings.version,
     )
     merged = emit.merge_standalone(backbone, head)
     emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
-    file = f"{model.name}.mlmodel"
-    size = emit.write_spec(out / file, pipeline, Path(model.source))
-    return _classifier_report(
-        model, group.id, file, size, len(emit.serialise(head)), len(emit.serialise(merged))
+    size = emit.write_spec(job.out / file, pipeline, Path(model.source))
+    return asdict(
+        _classifier_report(
+            model, group.id, file, size, len(emit.serialise(head)), len(emit.serialise(merged))
+        )
     )
 
 
-def _source_metadata(model: ModelPlan) -> dict[str, str]:
+def _source_metadata(model: ModelPlan, settings: ModelSettings) -> dict[str, str]:
     source = Path(model.source)
-    return {
+    user = {
         "source": source.name,
-        "source_sha256": emit.file_sha256(source),
+        "source_sha256": file_sha256(source),
         "labels": emit.labels_metadata(model.labels),
     }
+    if settings.display_name:
+        user["display_name"] = settings.display_name
+    return user
 
 
 def _classifier_report(
@@ -185,20 +471,59 @@ def _classifier_report(
     )
 
 
-def _build_standalone(model: ModelPlan, graph: Graph, out: Path, report: Report) -> None:
+def _standalone_job(job: Job, say: Progress) -> JobResult:
+    model = job.models[0]
+    settings = job.settings[model.name]
+    result = JobResult()
+    say(f"{model.name}: converting standalone ({model.standalone_reason})")
     try:
+        graph = job.graphs[model.name]
         _keras_model, objects = _load(graph, model)
         spec = emit.convert_standalone(graph, objects, model)
+        title = settings.display_name or model.name
         emit.describe(
             spec,
-            f"{model.name}: {model.num_classes}-class image classifier (standalone)",
-            _source_metadata(model) | {"role": "standalone"},
+            settings.description
+            or f"{title}: {model.num_classes}-class image classifier (standalone)",
+            _source_metadata(model, settings) | {"role": "standalone"},
             PREPROCESSING[model.preprocessing],
+            author=settings.author,
+            license=settings.license,
+            version=settings.version,
         )
         file = f"{model.name}.mlmodel"
-        size = emit.write_spec(out / file, spec, Path(model.source))
-        report.classifiers.append(_classifier_report(model, None, file, size, size, size))
+        size = emit.write_spec(job.out / file, spec, Path(model.source))
+        result.written[file] = asdict(_classifier_report(model, None, file, size, size, size))
     except SplitError as exc:
-        report.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+        result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
     finally:
         _release()
+    return result
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _collect(job: Job, cache: Cache, report: Report) -> None:
+    """Report rows for the job's files that exist and are current."""
+    if job.group is not None:
+        group = job.group
+        file = f"{group.id}.mlmodel"
+        entry = cache.fresh(file, job.recipes[file])
+        if entry is not None:
+            report.backbones.append(
+                BackboneReport(
+                    id=group.id,
+                    file=file,
+                    bytes=entry.size,
+                    parameters=group.backbone_parameters,
+                    members=list(group.members),
+                    split_layer=group.split_layer,
+                    preprocessing=group.preprocessing,
+                )
+            )
+    for model in job.models:
+        file = f"{model.name}.mlmodel"
+        entry = cache.fresh(file, job.recipes[file])
+        if entry is not None and entry.row:
+            report.classifiers.append(ClassifierReport(**(entry.row | {"source": model.source})))

@@ -4,12 +4,14 @@ printing and exit codes live here."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 from convert import __version__
+from convert.build import DEFAULT_JOBS
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
 from convert.verify import TOLERANCES
@@ -78,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--verify", action="store_true", help="then check every pipeline against Keras"
     )
+    convert.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"convert up to N groups at once, in separate processes (default {DEFAULT_JOBS})",
+    )
     verify = sub.add_parser(
         "verify",
         parents=[checking],
@@ -118,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify_command(args.build, args, out, err)
         per_model, default = _preprocessing(args.preprocess)
+        from convert.manifest import load_manifest
         from convert.plan import make_plan
 
         started = time.perf_counter()
-        plan, graphs = make_plan(args.models, per_model, default, args.min_shared)
+        manifest = load_manifest(args.models)
+        plan, graphs = make_plan(args.models, per_model, default, args.min_shared, manifest)
         if args.command == "plan":
             return _plan_command(plan, args, out, err, time.perf_counter() - started)
-        return _convert_command(plan, graphs, args, out, err)
+        return _convert_command(plan, graphs, manifest, args, out, err)
     except SplitError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return EXIT_USAGE
@@ -156,7 +167,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
     return EXIT_FAILED if plan.errors else EXIT_OK
 
 
-def _convert_command(plan, graphs, args, out, err) -> int:
+def _convert_command(plan, graphs, manifest, args, out, err) -> int:
     from convert.build import build
     from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
 
@@ -171,23 +182,42 @@ def _convert_command(plan, graphs, args, out, err) -> int:
         if plan.groups:
             out.print(groups_table(plan))
     started = time.perf_counter()
-    progress = (lambda msg: err.print(msg, markup=False, highlight=False)) if show else None
-    report = build(plan, graphs, args.out, progress)
+    with _progress(err, show) as progress:
+        report = build(plan, graphs, args.out, progress, manifest, args.jobs)
     write_reports(report, args.out)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif show:
         out.print(size_table(report))
         out.print(summary_line(report))
-        out.print(
-            f"wrote {args.out}/ in {time.perf_counter() - started:.1f}s "
-            f"(report: {args.out / 'report.md'})"
-        )
+        out.print(f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
     _print_errors(report.errors, err)
     failed = bool(report.errors)
     if args.verify:
         failed = _verify_command(args.out, args, out, err) != EXIT_OK or failed
     return EXIT_FAILED if failed else EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress(err, show: bool):
+    """Progress lines for the build; on a terminal, under a live spinner with the elapsed time."""
+    if not show:
+        yield None
+        return
+    if not err.is_terminal:
+        yield lambda msg: err.print(msg, markup=False, highlight=False)
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("converting", total=None)
+
+        def say(msg: str) -> None:
+            bar.console.print(msg, markup=False, highlight=False)
+            bar.update(task, description=msg)
+
+        yield say
 
 
 def _verify_command(build_dir: Path, args, out, err) -> int:
@@ -221,10 +251,14 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         err.print(f"error: {path}: {reason}", markup=False, highlight=False)
     if show:
         out.print(
-            f"verified {len(results)} classifiers: {len(results) - len(failures)} within "
+            f"verified {_count(len(results), 'classifier')}: {len(results) - len(failures)} within "
             f"tolerance, {len(failures)} beyond, {len(errors)} could not be run"
         )
     return EXIT_FAILED if failures or errors else EXIT_OK
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def _quiet_coremltools():
 
 def _ct_convert(source: Path, what: str, function: Any, inputs: list[Any], **kwargs: Any) -> Any:
     ct = coremltools()
+    _register_missing_tf_ops()
     _reset_op_names()
     try:
         with _quiet_coremltools():
@@ -91,6 +92,28 @@ def _pass_pipeline(ct: Any) -> Any:
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(SKIPPED_PASSES)
     return pipeline
+
+
+def _register_missing_tf_ops() -> None:
+    """TensorFlow ops coremltools 9.0 has no translation for, written with MIL ops it has.
+
+    ``Erfc``: Keras 3 traces the exact GELU (ConvNeXt, ViT-style heads) as
+    ``0.5 * x * erfc(-x / sqrt(2))``; erfc(x) = 1 - erf(x).
+    """
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.tensorflow.tf_op_registry import (
+        _TF_OPS_REGISTRY,
+        register_tf_op,
+    )
+
+    if "Erfc" in _TF_OPS_REGISTRY:
+        return
+
+    def Erfc(context: Any, node: Any) -> None:  # noqa: N802 - the TF op's name
+        x = context[node.inputs[0]]
+        context.add(node.name, mb.sub(x=1.0, y=mb.erf(x=x), name=node.name))
+
+    register_tf_op(Erfc)
 
 
 def _reset_op_names() -> None:
@@ -140,7 +163,7 @@ def convert_backbone(graph: Any, objects: Any, model: ModelPlan, group: GroupPla
 
     pre = PREPROCESSING[group.preprocessing]
     fn = subgraph_function(graph, objects, graph.inputs[0], model.split_tensor)
-    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE)
+    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE, graph.source)
     spec = _ct_convert(graph.source, "backbone", cf, [image_type(pre, model.input_shape)])
     _rename_output(spec, FEATURES)
     shape = feature_shape(graph, model.split_tensor)
@@ -164,7 +187,7 @@ def convert_head(graph: Any, objects: Any, model: ModelPlan) -> Any:
 
     shape = feature_shape(graph, model.split_tensor)
     fn = subgraph_function(graph, objects, model.split_tensor, graph.outputs[0])
-    cf = concrete_function(fn, shape, FEATURES)
+    cf = concrete_function(fn, shape, FEATURES, graph.source)
     spec = _ct_convert(
         graph.source,
         "head",
@@ -186,7 +209,7 @@ def convert_standalone(graph: Any, objects: Any, model: ModelPlan) -> Any:
 
     pre = PREPROCESSING[model.preprocessing]
     fn = subgraph_function(graph, objects, graph.inputs[0], graph.outputs[0])
-    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE)
+    cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE, graph.source)
     spec = _ct_convert(
         graph.source,
         "model",
@@ -342,14 +365,26 @@ def _copy(spec: Any) -> Any:
 
 
 def describe(
-    spec: Any, short: str, user: dict[str, str], preprocessing: Preprocessing | None
+    spec: Any,
+    short: str,
+    user: dict[str, str],
+    preprocessing: Preprocessing | None,
+    *,
+    author: str | None = None,
+    license: str | None = None,
+    version: str | None = None,
 ) -> None:
-    """Replace coremltools' metadata (which carries the date) with our own, deterministic one."""
+    """Replace coremltools' metadata (which carries the date) with our own, deterministic one.
+
+    ``author``, ``license`` and ``version`` come from the manifest; without them the author is
+    the tool and the version the tool's."""
     meta = spec.description.metadata
     meta.Clear()
     meta.shortDescription = short
-    meta.versionString = __version__
-    meta.author = TOOL
+    meta.versionString = version or __version__
+    meta.author = author or TOOL
+    if license:
+        meta.license = license
     meta.userDefined["com.github.apple.coremltools.version"] = _coremltools_version()
     meta.userDefined["coreml-split.version"] = __version__
     for key, value in sorted(user.items()):

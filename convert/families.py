@@ -15,7 +15,8 @@ from convert.graph import Graph
 from convert.shapes import ARITHMETIC_FUNCTIONS
 
 # (family, layer names that must all be present, preprocessing). First match wins, so more
-# specific signatures come first.
+# specific signatures come first. A name starting with "*" matches any name ending in the rest
+# (ConvNeXt prefixes every layer with the model's name: convnext_tiny_..., convnext_base_...).
 FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...], str]] = [
     ("MobileNetV2", ("block_1_expand", "Conv_1"), "tf"),
     ("MobileNetV3", ("expanded_conv_project_bn",), "raw"),
@@ -30,6 +31,7 @@ FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...], str]] = [
     ("Xception", ("block14_sepconv1",), "tf"),
     ("NASNet", ("stem_conv1",), "tf"),
     ("VGG", ("block1_conv1", "block5_conv3"), "caffe"),
+    ("ConvNeXt", ("*_stem_conv", "*_stage_0_block_0_depthwise_conv"), "raw"),
 ]
 
 
@@ -88,9 +90,15 @@ def detect_family(graph: Graph, node_indices: set[int] | None = None) -> str | N
     nodes = graph.nodes if node_indices is None else [graph.nodes[i] for i in node_indices]
     names = {n.layer.name for n in nodes}
     for family, required, _ in FAMILY_SIGNATURES:
-        if all(r in names for r in required):
+        if all(_present(r, names) for r in required):
             return family
     return None
+
+
+def _present(required: str, names: set[str]) -> bool:
+    if required.startswith("*"):
+        return any(name.endswith(required[1:]) for name in names)
+    return required in names
 
 
 # Layers that rescale pixels when they sit between the input and the first weighted layer.

@@ -8,11 +8,10 @@ are not held in memory; each :class:`Weight` records where its bytes live and a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 # Placeholder for a tensor inside a layer call's argument structure: {"__tensor__": <tensor id>}.
 TENSOR_KEY = "__tensor__"
@@ -49,7 +48,7 @@ class Weight:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 @dataclass

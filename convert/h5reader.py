@@ -252,21 +252,39 @@ class _GraphBuilder:
                 return [convert(v) for v in value]
             return value
 
+        def convert_keras2(value: Any) -> Any:
+            """Keras 2 keyword arguments: a [layer, node, tensor] list is a tensor."""
+            nonlocal unresolved
+            if _is_keras2_ref(value):
+                tensor = resolve((value[0], int(value[1]), int(value[2])))
+                if tensor is None:
+                    unresolved = True
+                    return None
+                return tensor_ref(tensor)
+            if isinstance(value, dict):
+                return {k: convert_keras2(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [convert_keras2(v) for v in value]
+            return value
+
         if isinstance(raw, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
             args = convert(raw.get("args", []))
             kwargs = convert(raw.get("kwargs", {}))
         else:  # Keras 2: [[layer, node, tensor, kwargs], ...], or one such entry (TFOpLambda)
             if raw and isinstance(raw[0], str):
                 raw = [raw]
-            refs = []
+            refs: list[Any] = []
             kwargs = {}
             for item in raw:
-                tensor = resolve((item[0], int(item[1]), int(item[2])))
-                if tensor is None:
-                    return None
-                refs.append(tensor_ref(tensor))
+                if item[0] == _CONSTANT_VALUE:  # a TFOpLambda whose first operand is a constant
+                    refs.append(item[2])
+                else:
+                    tensor = resolve((item[0], int(item[1]), int(item[2])))
+                    if tensor is None:
+                        return None
+                    refs.append(tensor_ref(tensor))
                 if len(item) > 3 and isinstance(item[3], dict) and not kwargs:
-                    kwargs = convert(item[3])
+                    kwargs = convert_keras2(item[3])
             args = [refs[0]] if len(refs) == 1 else [refs]
         if unresolved:
             return None
@@ -309,6 +327,19 @@ def _declared_input_shape(entry: dict[str, Any]) -> list[Any] | None:
     return config.get("build_input_shape")
 
 
+# Keras 2 writes a constant first operand of a TFOpLambda (``3.0 + x``) as this "layer" name.
+_CONSTANT_VALUE = "_CONSTANT_VALUE"
+
+
+def _is_keras2_ref(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and isinstance(value[0], str)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
+    )
+
+
 def _entry_name(entry: dict[str, Any]) -> str:
     return entry.get("name") or entry.get("config", {}).get("name") or "?"
 
@@ -334,10 +365,10 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
         if top not in root:
             continue
         group = root[top]
-        owners = [layer for p, layer in layers.items() if p[0] == top]
+        owners = _OwnerIndex([layer for p, layer in layers.items() if p[0] == top])
         for raw_name in _attr_list(group, "weight_names") or []:
             weight_name = _text(raw_name)
-            owner = _owner(weight_name, owners)
+            owner = owners.find(weight_name)
             if owner is None:
                 raise ModelFileError(
                     path, f"cannot tell which layer owns weight '{top}/{weight_name}'"
@@ -362,27 +393,32 @@ def _attr_list(obj: Any, name: str) -> list[Any] | None:
     return out
 
 
-def _owner(weight_name: str, owners: list[Layer]) -> Layer | None:
-    """The layer a weight belongs to: the one whose path is the longest suffix of its name.
+class _OwnerIndex:
+    """Finds the layer a weight belongs to: the one whose path is the longest suffix of the
+    weight's name (without the variable name).
 
     Layer names may themselves contain "/" (tf_keras MobileNetV3), so paths are compared as
-    strings at "/" boundaries rather than component by component.
+    strings at "/" boundaries rather than component by component. Two layers matching equally
+    well are a tie: no owner.
     """
-    if len(owners) == 1:
-        return owners[0]
-    owner = weight_name.removesuffix(":0").rsplit("/", 1)[0]
-    best, best_score, tied = None, 0, False
-    for layer in owners:
-        score = 0
-        for k in range(1, len(layer.path) + 1):
-            tail = "/".join(layer.path[-k:])
-            if owner == tail or owner.endswith("/" + tail):
-                score = len(tail)
-        if score > best_score:
-            best, best_score, tied = layer, score, False
-        elif score == best_score and score > 0:
-            tied = True
-    return None if tied else best
+
+    def __init__(self, owners: list[Layer]) -> None:
+        self.only = owners[0] if len(owners) == 1 else None
+        self.by_tail: dict[str, set[int]] = {}
+        self.layers = owners
+        for i, layer in enumerate(owners):
+            for k in range(1, len(layer.path) + 1):
+                self.by_tail.setdefault("/".join(layer.path[-k:]), set()).add(i)
+
+    def find(self, weight_name: str) -> Layer | None:
+        if self.only is not None:
+            return self.only
+        parts = weight_name.removesuffix(":0").rsplit("/", 1)[0].split("/")
+        for start in range(len(parts)):  # longest suffix first
+            matches = self.by_tail.get("/".join(parts[start:]))
+            if matches:
+                return self.layers[next(iter(matches))] if len(matches) == 1 else None
+        return None
 
 
 def _weight(dataset_path: str, weight_name: str, dataset: Any, digest: bool) -> Weight:

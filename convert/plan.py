@@ -3,7 +3,7 @@
 Works on neutral graphs only (no TensorFlow). For every model the candidate split points are the
 tensors that every input-to-output path passes through (the output's dominators), so that the
 head depends on the split tensor alone. Candidates are matched across models by fingerprint and
-preprocessing; groups are then chosen greedily by the bytes they save, deepest split first.
+preprocessing; the backbones are then chosen to save the most bytes over the whole zoo.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from convert.families import (
 from convert.fingerprint import tensor_fingerprints
 from convert.graph import Graph
 from convert.h5reader import read_model
-from convert.labels import resolve_labels
+from convert.labels import complete_labels, resolve_labels
+from convert.manifest import Manifest
 
 BYTES_PER_PARAMETER = 4  # the backbone and heads are written as float32
 DEFAULT_MIN_SHARED = 0.5  # share a backbone only if it holds at least half of each member
@@ -76,6 +77,8 @@ class GroupPlan:
     feature_shape: list[int | None]  # with the batch dimension
     backbone_parameters: int
     saved_bytes: int  # estimated from parameters: (members - 1) x backbone bytes
+    alternative: str = ""  # the best plan without this split, for these members
+    alternative_saved_bytes: int = 0  # what that plan saves over the whole zoo
 
     @property
     def backbone_bytes(self) -> int:
@@ -227,6 +230,29 @@ def _common_dominator(a: int, b: int, idom: dict[int, int], depth: dict[int, int
     return a
 
 
+def _parameters_up_to(graph: Graph, cuts: list[int]) -> dict[int, int]:
+    """Backbone parameters up to each cut. Each cut's ancestors include the previous cut's, so
+    one walk over the graph, cut by cut, counts every layer once."""
+    seen_nodes: set[int] = set()
+    seen_layers: set[int] = set()
+    total = 0
+    out: dict[int, int] = {}
+    for cut in cuts:
+        todo = [graph.tensors[cut].producer]
+        while todo:
+            n = todo.pop()
+            if n in seen_nodes:
+                continue
+            seen_nodes.add(n)
+            layer = graph.nodes[n].layer
+            if id(layer) not in seen_layers:
+                seen_layers.add(id(layer))
+                total += layer.parameter_count
+            todo.extend(graph.tensors[t].producer for t in graph.nodes[n].inputs)
+        out[cut] = total
+    return out
+
+
 @dataclass
 class _Analysis:
     plan: ModelPlan
@@ -237,13 +263,26 @@ class _Analysis:
 
 
 def analyse(
-    path: Path, name: str, preprocessing: str | None = None, graph: Graph | None = None
+    path: Path,
+    name: str,
+    preprocessing: str | None = None,
+    graph: Graph | None = None,
+    labels: tuple[str, ...] | None = None,
+    labels_source: str | None = None,
 ) -> _Analysis:
-    """Read one model and everything the planner needs from it. Raises SplitError."""
+    """Read one model and everything the planner needs from it. Raises SplitError.
+
+    ``labels`` (from the manifest) replace the labels files beside the model."""
     graph = graph or read_model(path)
     hwc = image_input_shape(graph)
     classes = output_classes(graph)
-    labels, labels_source = resolve_labels(path, classes)
+    if labels is None:
+        labels, labels_source = resolve_labels(path, classes)
+    else:
+        source = labels_source or "zoo.toml"
+        labels = list(labels)
+        if classes is not None:
+            labels = complete_labels(path, labels, source, classes)
     family = detect_family(graph)
     tm = is_teachable_machine(graph)
     chosen = preprocessing or default_preprocessing(family, tm, scales_input_inside(graph))
@@ -251,7 +290,7 @@ def analyse(
         raise SplitError(path, f"unknown preprocessing '{chosen}' ({', '.join(PREPROCESSING)})")
     fps = tensor_fingerprints(graph)
     cuts = cut_tensors(graph)
-    cut_params = {t: graph.parameter_count(graph.ancestors([t])) for t in cuts}
+    cut_params = _parameters_up_to(graph, cuts)
     plan = ModelPlan(
         name=name,
         source=str(path),
@@ -269,67 +308,155 @@ def analyse(
 
 
 # -- grouping -------------------------------------------------------------------------------
+#
+# A split candidate ("key") is a cut tensor's fingerprint plus the preprocessing. Two models that
+# share a key share everything before that cut (fingerprints are Merkle hashes), hence every
+# shallower key too; so the keys form a forest, each model's cuts a path from a root down to its
+# deepest shared cut. Opening key K as a backbone ships it once and saves its bytes v(K) for
+# every member but the first; each model joins at most one backbone, the deepest opened key on its
+# path for which it is eligible (the backbone holds >= min_shared of its parameters); the rest of
+# its network goes into its head. The opened set that saves most bytes over the whole zoo is a
+# facility-location problem on a tree, solved exactly by dynamic programming over (key, nearest
+# opened ancestor).
+
+
+@dataclass
+class _Key:
+    id: tuple[str, str]  # (fingerprint, preprocessing)
+    parameters: int  # backbone parameters up to this cut
+    parent: tuple[str, str] | None
+    depth: int = 0
+    tensors: dict[str, int] = field(default_factory=dict)  # model -> split tensor
+    eligible: set[str] = field(default_factory=set)
+    children: list[tuple[str, str]] = field(default_factory=list)
+    ends: list[str] = field(default_factory=list)  # models whose deepest shared key this is
+
+
+def _key_forest(analyses: list[_Analysis], min_shared: float) -> dict[tuple[str, str], _Key]:
+    keys: dict[tuple[str, str], _Key] = {}
+    for a in analyses:
+        parent = None
+        for t in a.cuts:
+            if a.cut_parameters[t] == 0:
+                continue
+            kid = (a.fingerprints[t], a.plan.preprocessing)
+            if kid == parent:
+                # Identity layers (Dropout, ...) repeat a fingerprint; split at its first tensor
+                # so every member splits at the same layer, and the identity stays in the head.
+                continue
+            key = keys.setdefault(kid, _Key(kid, a.cut_parameters[t], parent))
+            key.tensors.setdefault(a.plan.name, t)
+            if a.cut_parameters[t] >= min_shared * a.plan.parameters:
+                key.eligible.add(a.plan.name)
+            parent = kid
+    shared = {kid: k for kid, k in keys.items() if len(k.tensors) >= 2}
+    for k in shared.values():  # parents come first: a model meets them before
+        if k.parent is not None and k.parent not in shared:  # cannot happen for Merkle keys
+            k.parent = None
+        if k.parent is not None:
+            shared[k.parent].children.append(k.id)
+        k.depth = 0 if k.parent is None else shared[k.parent].depth + 1
+    for a in analyses:
+        mine = [k for k in shared.values() if a.plan.name in k.tensors]
+        if mine:
+            max(mine, key=lambda k: (k.parameters, k.depth)).ends.append(a.plan.name)
+    return shared
+
+
+def _best_opening(
+    keys: dict[tuple[str, str], _Key], forbidden: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[int, dict[tuple[str, str], list[str]]]:
+    """Parameters saved by the best set of opened keys, and each opened key's members."""
+    order = sorted(keys.values(), key=lambda k: -k.depth)  # children before parents
+    ancestors: dict[tuple[str, str], list[tuple[str, str] | None]] = {}
+    for k in sorted(keys.values(), key=lambda k: k.depth):
+        up = ancestors[k.parent] + [k.parent] if k.parent is not None else []
+        ancestors[k.id] = [None, *[u for u in up if u is not None]]
+
+    def value(model: str, opened: tuple[str, str] | None) -> int:
+        if opened is None or model not in keys[opened].eligible:
+            return 0
+        return keys[opened].parameters
+
+    # best[(key, nearest opened ancestor)] = (saving, opened keys in the subtree)
+    best: dict[tuple[tuple[str, str], tuple[str, str] | None], tuple[int, tuple]] = {}
+    for k in order:
+        for above in ancestors[k.id]:
+            closed = sum(value(m, above) for m in k.ends)
+            closed_open: tuple = ()
+            for c in k.children:
+                saving, opened = best[(c, above)]
+                closed += saving
+                closed_open += opened
+            choice = (closed, closed_open)
+            if k.id not in forbidden:
+                gain = -k.parameters + sum(value(m, k.id) for m in k.ends)
+                opened_here: tuple = (k.id,)
+                for c in k.children:
+                    saving, opened = best[(c, k.id)]
+                    gain += saving
+                    opened_here += opened
+                if gain > closed:
+                    choice = (gain, opened_here)
+            best[(k.id, above)] = choice
+    total, opened_keys = 0, ()
+    for k in keys.values():
+        if k.parent is None:
+            saving, opened = best[(k.id, None)]
+            total += saving
+            opened_keys += opened
+    members: dict[tuple[str, str], list[str]] = {kid: [] for kid in opened_keys}
+    for k in keys.values():
+        for model in k.ends:
+            for kid in [k.id, *reversed(ancestors[k.id][1:])]:
+                if kid in members:
+                    if model in keys[kid].eligible:
+                        members[kid].append(model)
+                    break
+    return total, {kid: sorted(ms) for kid, ms in members.items() if len(ms) >= 2}
 
 
 def group_models(
     analyses: list[_Analysis], min_shared: float = DEFAULT_MIN_SHARED
 ) -> list[GroupPlan]:
-    """Choose groups greedily by bytes saved; within ties, the deeper split wins.
+    """Choose the backbones that minimise the bytes of the whole zoo (see above).
 
     A model joins a group only if the shared backbone holds at least ``min_shared`` of its
     parameters: a shared stem of a few layers is not worth a linked backbone.
     """
-    candidates: dict[tuple[str, str], dict[str, int]] = {}
-    for a in analyses:
-        for t in a.cuts:
-            if a.cut_parameters[t] == 0 or a.cut_parameters[t] < min_shared * a.plan.parameters:
-                continue
-            key = (a.fingerprints[t], a.plan.preprocessing)
-            # Identity layers (Dropout, ...) repeat a fingerprint; split at its first tensor so
-            # every member splits at the same layer, and the identity stays in the head.
-            candidates.setdefault(key, {}).setdefault(a.plan.name, t)
+    keys = _key_forest(analyses, min_shared)
+    _, chosen = _best_opening(keys)
     by_name = {a.plan.name: a for a in analyses}
-    assigned: set[str] = set()
     groups: list[GroupPlan] = []
-    while True:
-        best = None
-        for key, members in candidates.items():
-            free = sorted(m for m in members if m not in assigned)
-            if len(free) < 2:
-                continue
-            first = by_name[free[0]]
-            params = first.cut_parameters[members[free[0]]]
-            score = ((len(free) - 1) * params, params, first.cuts.index(members[free[0]]))
-            if best is None or score > best[0]:
-                best = (score, key, free)
-        if best is None:
-            break
-        (_, params, _), (fp, preprocessing), free = best
-        members = candidates[(fp, preprocessing)]
-        first = by_name[free[0]]
-        split = members[free[0]]
+    for kid, members in chosen.items():
+        key = keys[kid]
+        first = by_name[members[0]]
+        split = key.tensors[members[0]]
+        fp, preprocessing = kid
         family = detect_family(first.graph, first.graph.ancestors([split])) or "Backbone"
         short = hashlib.sha256(f"{fp}:{preprocessing}".encode()).hexdigest()[:8]
+        saved = (len(members) - 1) * key.parameters
         group = GroupPlan(
             id=f"{family}-{short}",
             family=family,
             fingerprint=fp,
             preprocessing=preprocessing,
-            members=free,
+            members=members,
             split_layer=first.graph.producer(split).layer.qualified_name,
             feature_shape=list(first.graph.tensors[split].shape or []),
-            backbone_parameters=params,
-            saved_bytes=(len(free) - 1) * params * BYTES_PER_PARAMETER,
+            backbone_parameters=key.parameters,
+            saved_bytes=saved * BYTES_PER_PARAMETER,
         )
+        group.alternative, group.alternative_saved_bytes = _alternative(keys, kid, members, by_name)
         groups.append(group)
-        for name in free:
+        for name in members:
             a = by_name[name]
-            t = members[name]
+            t = key.tensors[name]
             a.plan.group = group.id
             a.plan.split_tensor = t
             a.plan.split_layer = a.graph.producer(t).layer.qualified_name
             a.plan.head_parameters = a.plan.parameters - a.cut_parameters[t]
-            assigned.add(name)
+    groups.sort(key=lambda g: (-g.saved_bytes, g.id))
     for a in analyses:
         if a.plan.group is None:
             a.plan.head_parameters = a.plan.parameters
@@ -342,29 +469,76 @@ def group_models(
     return groups
 
 
+def _alternative(
+    keys: dict[tuple[str, str], _Key],
+    kid: tuple[str, str],
+    members: list[str],
+    by_name: dict[str, _Analysis],
+) -> tuple[str, int]:
+    """The best plan for the zoo without this split, told from these members' side.
+
+    Cuts just above it that add no parameters (a pooling's input) are the same choice, so
+    they are excluded too."""
+    same = {kid}
+    up = keys[kid].parent
+    while up is not None and keys[up].parameters == keys[kid].parameters:
+        same.add(up)
+        up = keys[up].parent
+    saved, chosen = _best_opening(keys, frozenset(same))
+    parts = []
+    for other, others in sorted(chosen.items(), key=lambda item: -keys[item[0]].parameters):
+        mine = [m for m in others if m in members]
+        if not mine:
+            continue
+        layer = by_name[others[0]].graph.producer(keys[other].tensors[others[0]]).layer
+        parts.append(f"{', '.join(others)} split after {layer.qualified_name}")
+    alone = [m for m in members if not any(m in ms for ms in chosen.values())]
+    if alone:
+        parts.append(f"{', '.join(alone)} standalone")
+    return "; ".join(parts), saved * BYTES_PER_PARAMETER
+
+
 def make_plan(
     root: Path,
     preprocessing: dict[str, str] | None = None,
     default_preprocessing_name: str | None = None,
     min_shared: float = DEFAULT_MIN_SHARED,
+    manifest: Manifest | None = None,
 ) -> tuple[Plan, dict[str, Graph]]:
-    """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned."""
+    """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
+
+    Preprocessing: the command line's choice for a model, else its default, else the
+    manifest's, else what the model's family prescribes."""
     preprocessing = preprocessing or {}
+    manifest = manifest or Manifest()
     paths = find_models(root)
     names = model_names(paths)
     plan = Plan()
     analyses: list[_Analysis] = []
     for path in paths:
         name = names[path]
+        settings = manifest.for_model(name)
         choice = (
-            preprocessing.get(name) or preprocessing.get(path.name) or default_preprocessing_name
+            preprocessing.get(name)
+            or preprocessing.get(path.name)
+            or default_preprocessing_name
+            or settings.preprocessing
         )
         try:
-            analyses.append(analyse(path, name, choice))
+            analyses.append(
+                analyse(
+                    path, name, choice, labels=settings.labels, labels_source=settings.labels_source
+                )
+            )
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
+    for unknown in manifest.unused_models(names.values()):
+        plan.errors.append(
+            ErrorEntry(str(manifest.path), f"models.{unknown}: no model of that name in {root}")
+        )
     plan.groups = group_models(analyses, min_shared)
     plan.models = [a.plan for a in analyses]
+    _name_backbones(plan, manifest)
     unique: dict[str, int] = {}
     for a in analyses:
         for layer in a.graph.layers():
@@ -372,6 +546,31 @@ def make_plan(
                 unique[w.digest] = w.size
     plan.unique_parameters = sum(unique.values())
     return plan, {a.plan.name: a.graph for a in analyses}
+
+
+def _name_backbones(plan: Plan, manifest: Manifest) -> None:
+    """Backbone file names from the manifest; a name that would overwrite another output is an
+    error, and that backbone keeps its family-hash name."""
+    taken = {m.name for m in plan.models}
+    wanted: dict[str, list[GroupPlan]] = {}
+    for group in plan.groups:
+        name = manifest.for_backbone(group.id, group.family).name
+        if name:
+            wanted.setdefault(name, []).append(group)
+    taken |= {g.id for g in plan.groups}
+    for name, groups in wanted.items():
+        ids = ", ".join(g.id for g in groups)
+        if len(groups) > 1 or (name in taken and name != groups[0].id):
+            clash = "several backbones" if len(groups) > 1 else "a model's output file"
+            plan.errors.append(
+                ErrorEntry(str(manifest.path), f"backbones: name '{name}' ({ids}) is also {clash}")
+            )
+            continue
+        old = groups[0].id
+        groups[0].id = name
+        for model in plan.models:
+            if model.group == old:
+                model.group = name
 
 
 def _fmt_shape(shape: Any) -> str:

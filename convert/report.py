@@ -132,16 +132,25 @@ def groups_table(plan: Plan) -> Any:
     from rich.table import Table
 
     table = Table(title="Shared backbones", title_justify="left")
-    for column in ("backbone", "members", "parameters", "bytes (fp32)", "saves", "preprocessing"):
+    for column in (
+        "backbone",
+        "members",
+        "split after",
+        "bytes (fp32)",
+        "saves",
+        "best alternative",
+    ):
         table.add_column(column)
+    total = sum(g.saved_bytes for g in plan.groups)
     for g in plan.groups:
+        alternative = g.alternative or "nothing shared"
         table.add_row(
             g.id,
             str(len(g.members)),
-            f"{g.backbone_parameters:,}",
+            g.split_layer,
             mb(g.backbone_bytes),
             mb(g.saved_bytes),
-            g.preprocessing,
+            f"{alternative}: the zoo would save {mb(g.alternative_saved_bytes)}, not {mb(total)}",
         )
     return table
 

@@ -49,17 +49,14 @@ ARCHS = [
     "ConvNeXtTiny",
 ]
 
-# coremltools 9.0 cannot convert these; the text is the start of its error message.
-UNCONVERTIBLE = {"ConvNeXtTiny": "PartitionedCall' not implemented"}
-
 # Smallest input side keras.applications accepts with include_top=False (measured: one pixel
 # less raises "Input size must be at least ...").
 MIN_SIZE = {arch: 32 for arch in ARCHS} | {"InceptionV3": 75, "Xception": 71}
 
 # arch -> (family that convert.families should detect, preprocessing it should choose).
 # MobileNetV3, EfficientNet(V2) and ConvNeXt rescale inside the model (Rescaling/Normalization
-# layers), so they take 0-255 pixels: "raw". ConvNeXt has no signature: family None.
-FAMILIES: dict[str, tuple[str | None, str]] = {
+# layers), so they take 0-255 pixels: "raw".
+FAMILIES: dict[str, tuple[str, str]] = {
     "MobileNet": ("MobileNet", "tf"),
     "MobileNetV2": ("MobileNetV2", "tf"),
     "MobileNetV3Small": ("MobileNetV3", "raw"),
@@ -73,7 +70,7 @@ FAMILIES: dict[str, tuple[str | None, str]] = {
     "Xception": ("Xception", "tf"),
     "VGG16": ("VGG", "caffe"),
     "NASNetMobile": ("NASNet", "tf"),
-    "ConvNeXtTiny": (None, "raw"),
+    "ConvNeXtTiny": ("ConvNeXt", "raw"),
 }
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
@@ -289,44 +286,12 @@ def save_arch_classifier(
 
 
 def load_classifier(path: str | Path) -> Any:
-    """Load a saved classifier with the Keras that wrote it.
+    """Load a saved classifier with the Keras that wrote it, as coreml-split does (including its
+    repair of Keras 3 files that Keras 3 cannot reload, see convert/keras_exec.py)."""
+    from convert.h5reader import read_model
+    from convert.keras_exec import load_keras_model
 
-    Keras 3 cannot reload some keras.applications models from its own HDF5 files: the legacy
-    writer drops the ``module`` of keras.ops nodes (``x + 3.0`` in MobileNetV3's hard_sigmoid,
-    ConvNeXt's residual adds), which then come back as merge layers, and ConvNeXt's LayerScale is
-    not registered. For those, the config is repaired and the weights loaded into it.
-    """
-    import json
-
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        version = f.attrs.get("keras_version")
-        version = version.decode() if isinstance(version, bytes) else str(version)
-        config = json.loads(f.attrs["model_config"])
-    K = keras_module("k3" if version.startswith("3") else "k2")
-    try:
-        return K.models.load_model(str(path), compile=False)
-    except (TypeError, ValueError):
-        if K.__name__ != "keras":
-            raise
-    from keras.src.applications.convnext import LayerScale
-    from keras.src.legacy.saving import legacy_h5_format
-
-    def repair(model_config: dict[str, Any]) -> None:
-        for layer in model_config["config"]["layers"]:
-            if layer["class_name"] in ("Functional", "Sequential", "Model"):
-                repair(layer)
-            elif set(layer["config"]) == {"name"} and "module" not in layer:
-                layer["module"] = "keras.src.ops.numpy"
-                layer["registered_name"] = layer["class_name"]
-
-    repair(config)
-    with K.utils.custom_object_scope({"LayerScale": LayerScale}):
-        model = K.Model.from_config(config["config"])
-    with h5py.File(path, "r") as f:
-        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
-    return model
+    return load_keras_model(read_model(path, with_digests=False))
 
 
 def keras_probabilities(path: str | Path, pixels: np.ndarray, mode: str) -> np.ndarray:

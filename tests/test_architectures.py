@@ -4,7 +4,8 @@ Per architecture, a zoo of two classifiers (3 and 4 classes, different heads) on
 backbone at the smallest input the architecture accepts (see ``tests/arch_zoo.py``), converted
 with ``coreml-split convert``: one backbone and two pipelines come out, every file passes the
 validator, and ``plan`` infers the family and the preprocessing keras.applications prescribes.
-An architecture coremltools cannot convert fails with one clear line per file.
+Then every emitted classifier runs through the numpy Core ML evaluator and is compared with
+Keras on the same images.
 
 Each zoo is built and converted once: a module-scoped fixture, parametrised by architecture
 with one parameter list shared by every test, so that pytest runs an architecture's tests
@@ -45,47 +46,6 @@ SLOW = {
 }
 
 
-@dataclass(frozen=True)
-class Known:
-    """A known failure of coreml-split: the stage it shows at, the exact text that identifies
-    it there, and its cause. A test that sees this symptom xfails with the cause; any other
-    outcome is judged normally, so a fix makes the test pass, and then the entry can go."""
-
-    stage: str  # "load": convert's stderr; "share": a standalone reason; "family": group family
-    symptom: str
-    cause: str
-
-
-_OPS_MODULE = (
-    "Keras 3's legacy HDF5 writer drops 'module' from keras.ops nodes, so load_model rebuilds "
-    "the {ops} as merge layers and fails; convert/keras_exec.py load_keras_model could restore "
-    "module 'keras.src.ops.numpy' on nodes whose config is only a name (and layer_objects find "
-    "them in model.operations, not get_layer)"
-)
-KNOWN = {
-    "MobileNetV3Small": Known(
-        "load",
-        "keras 3 cannot load the model: Only input tensors may be passed as positional",
-        _OPS_MODULE.format(ops="ops Add/Multiply of hard_sigmoid (x + 3.0, x * 1/6)"),
-    ),
-    "MobileNetV3Large": Known(
-        "load",
-        "keras 3 cannot load the model: Only input tensors may be passed as positional",
-        _OPS_MODULE.format(ops="ops Add/Multiply of hard_sigmoid (x + 3.0, x * 1/6)"),
-    ),
-    "ConvNeXtTiny": Known(
-        "load",
-        "keras 3 cannot load the model: Unknown layer: 'LayerScale'",
-        "keras.applications' LayerScale is not registered for legacy HDF5 loading (pass "
-        "custom_objects), and " + _OPS_MODULE.format(ops="residual ops Add"),
-    ),
-}
-
-# Keras 3 cannot reload its own HDF5 of MobileNetV3 (the diagnosis is in KNOWN, which still
-# applies to such files); tf_keras files of the same architecture load, so conversion and parity
-# are tested on those.
-FLAVOUR = {"MobileNetV3Small": "k2", "MobileNetV3Large": "k2"}
-
 CLASSIFIERS = {"first": (3, 1), "second": (4, 2)}  # name -> (classes, head seed)
 
 ARCHS = [
@@ -115,8 +75,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     zoo.mkdir()
     started = time.perf_counter()
     for name, (classes, head_seed) in CLASSIFIERS.items():
-        flavour = FLAVOUR.get(arch, "k3")
-        arch_zoo.save_arch_classifier(zoo / f"{name}.h5", arch, flavour, classes, head_seed)
+        arch_zoo.save_arch_classifier(zoo / f"{name}.h5", arch, "k3", classes, head_seed)
     built = time.perf_counter()
     stderr = io.StringIO()  # the CLI's rich console writes to whatever sys.stderr is then
     with contextlib.redirect_stderr(stderr):
@@ -124,12 +83,6 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     converted = time.perf_counter()
     yield Run(arch, size, zoo, out, code, stderr.getvalue(), built - started, converted - built)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _xfail_if_known(run: Run, stage: str, observed: str) -> None:
-    known = KNOWN.get(run.arch)
-    if known is not None and known.stage == stage and known.symptom in observed:
-        pytest.xfail(known.cause)
 
 
 def _load_spec(path: Path):
@@ -140,13 +93,7 @@ def _load_spec(path: Path):
 
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_convert(run: Run) -> None:
-    """One backbone and two valid pipelines; or, where coremltools cannot convert the backbone,
-    exit code 1 and one clear line per file."""
-    if run.exit_code != 0:
-        _xfail_if_known(run, "load", run.stderr)
-    if run.arch in arch_zoo.UNCONVERTIBLE:
-        _fails_with_one_clear_line_per_file(run)
-        return
+    """One backbone and two valid pipelines, every file valid with strict types."""
     assert run.exit_code == 0, run.stderr
     assert run.stderr.strip() == ""
     files = sorted(p.name for p in run.out.glob("*.mlmodel"))
@@ -154,9 +101,6 @@ def test_convert(run: Run) -> None:
         assert validate_file(run.out / name, strict_types=True) == [], name
     pipelines = sorted(f"{name}.mlmodel" for name in CLASSIFIERS)
     backbones = sorted(set(files) - set(pipelines))
-    if not backbones:
-        plan, _ = make_plan(run.zoo)
-        _xfail_if_known(run, "share", " ".join(m.standalone_reason or "" for m in plan.models))
     assert len(backbones) == 1 and len(files) == 3, files
     assert _load_spec(run.out / backbones[0]).WhichOneof("Type") == "neuralNetwork"
     for name in pipelines:
@@ -167,18 +111,6 @@ def test_convert(run: Run) -> None:
         assert link == Path(backbones[0]).stem + ".mlmodelc"
 
 
-def _fails_with_one_clear_line_per_file(run: Run) -> None:
-    assert run.exit_code == 1
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == len(CLASSIFIERS), lines
-    files = sorted(str(run.zoo / f"{name}.h5") for name in CLASSIFIERS)
-    assert sorted(line.split(": ", 2)[1] for line in lines) == files
-    for line in lines:
-        assert line.startswith("error: ") and "coremltools" in line, line
-    assert any(arch_zoo.UNCONVERTIBLE[run.arch] in line for line in lines), lines
-    assert not list(run.out.glob("*.mlmodel"))
-
-
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_plan_infers_family_and_preprocessing(run: Run) -> None:
     family, preprocessing = arch_zoo.FAMILIES[run.arch]
@@ -187,15 +119,11 @@ def test_plan_infers_family_and_preprocessing(run: Run) -> None:
     for model in plan.models:
         assert model.preprocessing == preprocessing
         assert model.input_shape == [run.size, run.size, 3]
-    if not plan.groups:
-        _xfail_if_known(run, "share", " ".join(m.standalone_reason or "" for m in plan.models))
     assert len(plan.groups) == 1, [m.standalone_reason for m in plan.models]
     group = plan.groups[0]
     assert group.members == sorted(CLASSIFIERS)
     assert group.preprocessing == preprocessing
-    if group.family != (family or "Backbone"):
-        _xfail_if_known(run, "family", group.family)
-    assert group.family == (family or "Backbone")
+    assert group.family == family
     assert all(model.family == family for model in plan.models)
 
 
@@ -232,10 +160,6 @@ def _layer_kinds(path: Path) -> set[str]:
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_classifiers_match_keras(run: Run) -> None:
     reference = pytest.importorskip("convert.reference")
-    if run.arch in arch_zoo.UNCONVERTIBLE:
-        pytest.skip(f"coremltools cannot convert {run.arch}")
-    if run.exit_code != 0:
-        _xfail_if_known(run, "load", run.stderr)
     assert run.exit_code == 0, run.stderr
     kinds = set().union(*(_layer_kinds(p) for p in run.out.glob("*.mlmodel")))
     missing = sorted(kinds - set(reference.REGISTRY))

@@ -171,8 +171,8 @@ def test_converting_twice_gives_byte_identical_files(built, zoo: Path, tmp_path:
     assert main(["convert", str(failing), "--out", str(tmp_path / "f"), "--quiet"]) == 1
     again = tmp_path / "again"
     assert main(["convert", str(zoo), "--out", str(again), "--quiet"]) == 0
-    first = {p.name: p.read_bytes() for p in out.iterdir()}
-    second = {p.name: p.read_bytes() for p in again.iterdir()}
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    second = {p.name: p.read_bytes() for p in again.iterdir() if p.is_file()}
     assert first.keys() == second.keys()
     assert [n for n in first if first[n] != second[n]] == []
 

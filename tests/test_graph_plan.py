@@ -132,6 +132,75 @@ def test_one_changed_weight_value_prevents_sharing(tmp_path: Path) -> None:
     assert plan.groups == []
 
 
+def chain_classifier(path: Path, convs: list[tuple[int, int]], head_seed: int) -> Path:
+    """input -> conv_0 -> conv_1 -> ... -> gap -> dense(3, softmax); ``convs``: (filters, seed)
+    per convolution, so equal seeds at equal depths give equal weights."""
+    layers, weights, previous, channels = [], {}, "input", 3
+    for i, (filters, seed) in enumerate(convs):
+        conv = dict(filters=filters, kernel_size=[3, 3], strides=[1, 1], padding="same")
+        layers.append(_layer("Conv2D", f"conv_{i}", [previous], use_bias=False, **conv))
+        kernel = np.random.default_rng(seed).normal(size=(3, 3, channels, filters))
+        weights[f"conv_{i}"] = [kernel.astype("float32")]
+        previous, channels = f"conv_{i}", filters
+    layers.append(_layer("GlobalAveragePooling2D", "gap", [previous]))
+    layers.append(_layer("Dense", "dense", ["gap"], units=3, activation="softmax"))
+    head = np.random.default_rng(head_seed)
+    weights["dense"] = [head.normal(size=(channels, 3)).astype("float32"), np.zeros(3, "float32")]
+    return write_model(path, layers, "dense", weights)
+
+
+def test_fine_tuned_last_blocks_share_the_deepest_common_cut(tmp_path: Path) -> None:
+    """Two models kept the backbone, two fine-tuned its last convolution: all four share the
+    frozen prefix (3 x prefix saved beats 1 x the whole backbone for the pair)."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for name, last_seed in [("kept_a", 5), ("kept_b", 5), ("tuned_c", 6), ("tuned_d", 7)]:
+        chain_classifier(zoo / f"{name}.h5", [(8, 1), (8, 2), (8, last_seed)], head_seed=len(name))
+    plan, _ = make_plan(zoo)
+    assert len(plan.groups) == 1
+    group = plan.groups[0]
+    assert group.members == ["kept_a", "kept_b", "tuned_c", "tuned_d"]
+    assert group.split_layer == "conv_1"
+    prefix = 3 * 3 * 3 * 8 + 3 * 3 * 8 * 8
+    assert group.saved_bytes == 3 * prefix * 4
+    for model in plan.models:
+        assert model.head_parameters == 3 * 3 * 8 * 8 + 8 * 3 + 3  # the last conv moved in
+    # The alternative it beat: the untouched pair sharing the whole backbone (to the pooling),
+    # the fine-tuned ones alone (their shared stem alone is under half of each model).
+    assert group.alternative == "kept_a, kept_b split after gap; tuned_c, tuned_d standalone"
+    assert group.alternative_saved_bytes == (prefix + 3 * 3 * 8 * 8) * 4
+    assert group.alternative_saved_bytes < group.saved_bytes
+
+
+def test_the_split_points_are_chosen_over_the_whole_zoo(tmp_path: Path) -> None:
+    """One stem shared by four models, and two deeper backbones shared by pairs: opening the
+    widest group first (greedy) saves 3 x 216 parameters; the pairs save 2 x 504."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for name, seed in [("a", 2), ("b", 2), ("c", 3), ("d", 3)]:
+        chain_classifier(zoo / f"{name}.h5", [(8, 1), (4, seed)], head_seed=ord(name))
+    plan, _ = make_plan(zoo, min_shared=0.0)
+    assert sorted(g.members for g in plan.groups) == [["a", "b"], ["c", "d"]]
+    assert {g.split_layer for g in plan.groups} == {"gap"}
+    assert sum(g.saved_bytes for g in plan.groups) == 2 * (216 + 288) * 4
+    for group in plan.groups:  # without it: the other pair keeps its split, this one the stem
+        assert group.alternative == f"{', '.join(group.members)} split after conv_0"
+        assert group.alternative_saved_bytes == (216 + 288 + 216) * 4
+
+
+def test_a_model_belongs_to_one_group_and_groups_differ(tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for name, (first, second) in {"a": (1, 2), "b": (1, 2), "c": (4, 5), "d": (4, 5)}.items():
+        chain_classifier(zoo / f"{name}.h5", [(8, first), (8, second)], head_seed=ord(name))
+    chain_classifier(zoo / "loner.h5", [(8, 9), (8, 9)], head_seed=1)
+    plan, _ = make_plan(zoo)
+    members = [m for g in plan.groups for m in g.members]
+    assert sorted(members) == ["a", "b", "c", "d"] and len(set(members)) == len(members)
+    assert len({g.id for g in plan.groups}) == 2
+    assert plan.model("loner").group is None
+
+
 def test_names_never_decide(tmp_path: Path) -> None:
     zoo = tmp_path / "zoo"
     zoo.mkdir()

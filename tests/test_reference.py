@@ -925,6 +925,18 @@ LAYERS: dict[str, tuple[tuple[int, ...], bool, Any, Any]] = {
         lambda x: (x - x.mean(axis=(1, 2), keepdims=True))
         / np.sqrt(x.var(axis=(1, 2), keepdims=True) + 1e-3) * LAYN_GAMMA - LAYN_GAMMA,
     ),
+    "mvn within channels": (
+        (3, 4, 5), False,
+        lambda b: b.add_mvn("y", "x", "y", across_channels=False, normalize_variance=True,
+                            epsilon=1e-3),
+        lambda x: (x - x.mean(axis=(1, 2), keepdims=True))
+        / np.sqrt(x.var(axis=(1, 2), keepdims=True) + 1e-3),
+    ),
+    "mvn across channels, mean only": (
+        (3, 4, 5), False,
+        lambda b: b.add_mvn("y", "x", "y", across_channels=True, normalize_variance=False),
+        lambda x: x - x.mean(),
+    ),
     "flatten CHANNEL_LAST": ((2, 3, 4), False, lambda b: b.add_flatten("y", 1, "x", "y"),
                              lambda x: x.transpose(1, 2, 0).reshape(24, 1, 1)),
     "reshape CHANNEL_FIRST": ((2, 3, 4), True,

@@ -1,5 +1,6 @@
 """Normalisation layers: batchnorm (and instance norm through it), L2 normalisation, layer
-normalisation and local response normalisation, all per the NeuralNetwork.proto formulas.
+normalisation, mean-variance normalisation and local response normalisation, all per the
+NeuralNetwork.proto formulas.
 
 The legacy layers work on axis -3 (channels) of a rank >= 3 blob; leading axes are batch.
 """
@@ -60,6 +61,22 @@ def layer_normalization(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     mean, var = x.mean(axis=over, keepdims=True), x.var(axis=over, keepdims=True)
     y = (x - mean) / np.sqrt(var + np.float32(p.eps))
     return y * layer.weight("gamma", shape) + layer.weight("beta", shape)
+
+
+@register("mvn")
+def mvn(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
+    """Subtract the mean (and divide by ``sqrt(var + eps)`` if normalizeVariance) over the last
+    two axes, or the last three if acrossChannels; epsilon 0 means 1e-6. coremltools maps
+    layer_norm onto it with layer_norm's own epsilon, so the epsilon sits inside the root."""
+    p = layer.params
+    x = xs[0]
+    need_rank(layer, x, 3)
+    over = (-3, -2, -1) if p.acrossChannels else (-2, -1)
+    y = x - x.mean(axis=over, keepdims=True)
+    if p.normalizeVariance:
+        eps = np.float32(p.epsilon or 1e-6)
+        y = y / np.sqrt(np.mean(y * y, axis=over, keepdims=True) + eps)
+    return y
 
 
 @register("lrn")

@@ -1,0 +1,90 @@
+"""Incremental builds: an unchanged zoo is not rebuilt, an edited head rewrites only its own
+pipeline, and an incremental result is byte-identical to a clean build of the same zoo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convert.cli import main
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.suffix == ".mlmodel"}
+
+
+@pytest.fixture()
+def work(zoo: Path, built, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the session zoo and of its build (cache included, times kept)."""
+    out, code = built
+    assert code == 0
+    shutil.copytree(zoo, tmp_path / "zoo")
+    shutil.copytree(out, tmp_path / "build")
+    return tmp_path / "zoo", tmp_path / "build"
+
+
+def test_an_unchanged_zoo_rebuilds_nothing_and_imports_no_tensorflow(work) -> None:
+    zoo, build = work
+    before, times = _files(build), _mtimes(build)
+    script = (
+        "import sys\n"
+        "from convert.cli import main\n"
+        f"code = main(['convert', {str(zoo)!r}, '--out', {str(build)!r}, '--quiet'])\n"
+        "heavy = [m for m in ('tensorflow', 'coremltools', 'keras') if m in sys.modules]\n"
+        "print(code, heavy)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert run.stdout.strip() == "0 []", run.stdout + run.stderr
+    assert _mtimes(build) == times
+    after = _files(build)
+    assert {n: b for n, b in after.items() if n.endswith(".mlmodel")} == {
+        n: b for n, b in before.items() if n.endswith(".mlmodel")
+    }
+    rows = [json.loads(f["report.json"])["classifiers"] for f in (before, after)]
+    for row in rows[0] + rows[1]:
+        row.pop("source")  # the zoo was copied elsewhere
+    assert rows[0] == rows[1]
+
+
+def test_an_edited_head_rewrites_only_its_pipeline(work, tmp_path: Path) -> None:
+    import factory
+
+    zoo, build = work
+    before, times = _files(build), _mtimes(build)
+    factory.save_transfer_classifier(zoo / "nested_k2.h5", "k2", 4, head_seed=22)  # new head
+    assert main(["convert", str(zoo), "--out", str(build), "--quiet"]) == 0
+    after = _mtimes(build)
+    changed = sorted(n for n in after if after[n] != times[n])
+    assert changed == ["nested_k2.mlmodel"]
+    assert _files(build)["nested_k2.mlmodel"] != before["nested_k2.mlmodel"]
+    clean = tmp_path / "clean"
+    assert main(["convert", str(zoo), "--out", str(clean), "--quiet"]) == 0
+    assert _files(build) == _files(clean)
+
+
+def test_a_changed_backbone_reconverts_its_group_only(work) -> None:
+    import factory
+
+    zoo, build = work
+    times = _mtimes(build)
+    for name in ("tm_cats", "tm_dogs"):  # both members move to another backbone
+        shutil.rmtree(zoo / name)
+    factory.save_teachable_machine(zoo / "tm_cats", 2, "model1", head_seed=4, backbone_seed=8)
+    factory.save_teachable_machine(zoo / "tm_dogs", 3, "model2", head_seed=5, backbone_seed=8)
+    assert main(["convert", str(zoo), "--out", str(build), "--quiet"]) == 0
+    after = _mtimes(build)
+    new = sorted(set(after) - set(times))
+    assert len(new) == 1 and new[0].startswith("MobileNetV2-"), new  # the new backbone
+    changed = sorted(n for n in times if n in after and after[n] != times[n])
+    assert changed == ["tm_cats.mlmodel", "tm_dogs.mlmodel"]
