@@ -48,6 +48,7 @@ class Job:
     stale: list[str]  # names of the models whose file must be (re)written
     write_backbone: bool
     backbone_settings: ModelSettings = field(default_factory=ModelSettings)
+    input_name: str | None = None  # the backbone's image input, if zoo.toml renames it
 
     @property
     def label(self) -> str:
@@ -108,7 +109,8 @@ def _jobs(
         members = [plan.model(n) for n in group.members]
         settings = {m.name: manifest.for_model(m.name) for m in members}
         backbone_file = f"{group.id}.mlmodel"
-        backbone_recipe = recipe("backbone", versions, _backbone_key(group, members[0]))
+        input_name = settings[members[0].name].input_name  # make_plan checked they agree
+        backbone_recipe = recipe("backbone", versions, _backbone_key(group, members[0]), input_name)
         recipes = {backbone_file: backbone_recipe}
         for m in members:
             recipes[f"{m.name}.mlmodel"] = recipe(
@@ -126,6 +128,7 @@ def _jobs(
                 stale=stale,
                 write_backbone=cache.fresh(backbone_file, backbone_recipe) is None,
                 backbone_settings=manifest.defaults,
+                input_name=input_name,
             )
         )
     for m in plan.models:
@@ -323,6 +326,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
                     )
             _release()
             return result
+        emit.name_features(backbone, image=job.input_name)
         _describe_backbone(backbone, group, job.backbone_settings)
         cache.put(key, emit.serialise(backbone))
     if job.write_backbone:
@@ -367,10 +371,7 @@ def _sha_of(path: Path) -> str:
 
 def _head(objects: _Objects, model: ModelPlan):
     """The head spec: built straight from the weights when its layers allow, else converted."""
-    try:
-        from convert import fast_head
-    except ImportError:  # TEMP until fast_head lands
-        return emit.convert_head(objects.graph, objects.get(), model)
+    from convert import fast_head
 
     graph = objects.graph
     assert model.split_tensor is not None
@@ -410,6 +411,7 @@ def _emit_pipeline(
     settings = job.settings[model.name]
     pre = PREPROCESSING[model.preprocessing]
     user = _source_metadata(model, settings) | {"role": "head"}
+    emit.name_features(head, label=settings.label_name, probs=settings.probabilities_name)
     emit.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
     stub = emit.make_stub(backbone, backbone_file)
     pipeline = emit.make_pipeline(stub, head)
@@ -480,6 +482,9 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
         graph = job.graphs[model.name]
         _keras_model, objects = _load(graph, model)
         spec = emit.convert_standalone(graph, objects, model)
+        emit.name_features(
+            spec, settings.input_name, settings.label_name, settings.probabilities_name
+        )
         title = settings.display_name or model.name
         emit.describe(
             spec,

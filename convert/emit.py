@@ -279,6 +279,19 @@ def _name_classifier_outputs(spec: Any) -> None:
     d.output.extend(copies)
 
 
+def name_features(
+    spec: Any, image: str | None = None, label: str | None = None, probs: str | None = None
+) -> None:
+    """Give a backbone, head or standalone classifier the feature names a user asked for."""
+    for old, new in ((IMAGE, image), (CLASS_LABEL, label), (CLASS_PROBS, probs)):
+        if new and new != old and any(f.name == old for f in _features(spec)):
+            rename_blob(spec, old, new)
+
+
+def _features(spec: Any) -> list[Any]:
+    return [*spec.description.input, *spec.description.output]
+
+
 def _set_array_shape(feature: Any, shape: list[int]) -> None:
     Model_pb2, FeatureTypes_pb2 = _proto()
     array = feature.type.multiArrayType

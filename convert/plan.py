@@ -539,6 +539,7 @@ def make_plan(
     plan.groups = group_models(analyses, min_shared)
     plan.models = [a.plan for a in analyses]
     _name_backbones(plan, manifest)
+    _check_input_names(plan, manifest)
     unique: dict[str, int] = {}
     for a in analyses:
         for layer in a.graph.layers():
@@ -546,6 +547,34 @@ def make_plan(
                 unique[w.digest] = w.size
     plan.unique_parameters = sum(unique.values())
     return plan, {a.plan.name: a.graph for a in analyses}
+
+
+def _check_input_names(plan: Plan, manifest: Manifest) -> None:
+    """Members of a group share the backbone's image input, so they must agree on its name; and
+    a model's three feature names must differ once the defaults fill in the unset ones."""
+    for model in plan.models:
+        s = manifest.for_model(model.name)
+        names = [s.input_name or "image", s.label_name or "classLabel"]
+        names.append(s.probabilities_name or "classLabelProbs")
+        if len(set(names)) < 3:
+            plan.errors.append(
+                ErrorEntry(
+                    str(manifest.path),
+                    f"models.{model.name}: input, label and probabilities names must differ "
+                    f"({', '.join(names)})",
+                )
+            )
+    for group in plan.groups:
+        names = {m: manifest.for_model(m).input_name or "image" for m in group.members}
+        if len(set(names.values())) > 1:
+            said = ", ".join(f"{m}: {n}" for m, n in names.items())
+            plan.errors.append(
+                ErrorEntry(
+                    str(manifest.path),
+                    f"input_name: the members of backbone {group.id} share its input, so they "
+                    f"need one name ({said})",
+                )
+            )
 
 
 def _name_backbones(plan: Plan, manifest: Manifest) -> None:
@@ -561,10 +590,13 @@ def _name_backbones(plan: Plan, manifest: Manifest) -> None:
     for name, groups in wanted.items():
         ids = ", ".join(g.id for g in groups)
         if len(groups) > 1 or (name in taken and name != groups[0].id):
-            clash = "several backbones" if len(groups) > 1 else "a model's output file"
-            plan.errors.append(
-                ErrorEntry(str(manifest.path), f"backbones: name '{name}' ({ids}) is also {clash}")
+            reason = (
+                f"backbones: name '{name}' is given to {len(groups)} backbones ({ids}); "
+                "name them by id"
+                if len(groups) > 1
+                else f"backbones: name '{name}' for {ids} is taken by a classifier or backbone"
             )
+            plan.errors.append(ErrorEntry(str(manifest.path), reason))
             continue
         old = groups[0].id
         groups[0].id = name

@@ -116,9 +116,10 @@ def coreml_probabilities(
     from convert import reference
 
     model = reference.load(pipeline)
+    image = model.spec.description.input[0].name  # "image" unless zoo.toml renamed it
     outs = []
     for i in range(0, len(images), BATCH):
-        result = model.predict({"image": images[i : i + BATCH]}, bundle_main=bundle_main)
+        result = model.predict({image: images[i : i + BATCH]}, bundle_main=bundle_main)
         outs.append(np.asarray(result["__probabilities__"], dtype=np.float64))
     bound = sorted({Path(p).name for _, p in model.bound})
     return np.concatenate(outs), class_labels(model.spec), bound
