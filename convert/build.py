@@ -45,6 +45,7 @@ class Job:
     settings: dict[str, ModelSettings]
     out: Path
     recipes: dict[str, str]  # output file -> recipe
+    sha256: dict[str, str]  # model -> its source file's sha256
     stale: list[str]  # names of the models whose file must be (re)written
     write_backbone: bool
     backbone_settings: ModelSettings = field(default_factory=ModelSettings)
@@ -72,6 +73,7 @@ def build(
     manifest: Manifest | None = None,
     jobs: int = DEFAULT_JOBS,
 ) -> Report:
+    """Build what is stale: one job here, several in up to ``jobs`` worker processes."""
     say = progress or (lambda _msg: None)
     manifest = manifest or Manifest()
     report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
@@ -82,7 +84,12 @@ def build(
     fresh = len(work) - len(todo)
     if fresh:
         say(f"{fresh} of {len(work)} jobs up to date")
-    results = _run(todo, jobs, say)
+    workers = Workers(jobs) if len(todo) > 1 and jobs > 1 else None
+    try:
+        results = _run(todo, workers, say)
+    finally:
+        if workers is not None:
+            workers.close()
     for job in work:
         result = results.get(job.label, JobResult())
         report.errors.extend(result.errors)
@@ -125,6 +132,7 @@ def _jobs(
                 settings=settings,
                 out=out,
                 recipes=recipes,
+                sha256={m.name: sha[m.name] for m in members},
                 stale=stale,
                 write_backbone=cache.fresh(backbone_file, backbone_recipe) is None,
                 backbone_settings=manifest.defaults,
@@ -144,6 +152,7 @@ def _jobs(
                     settings={m.name: settings},
                     out=out,
                     recipes={file: wanted},
+                    sha256={m.name: sha[m.name]},
                     stale=[] if cache.fresh(file, wanted) else [m.name],
                     write_backbone=False,
                 )
@@ -185,47 +194,76 @@ def _model_key(model: ModelPlan, sha256: str, settings: ModelSettings) -> dict[s
 # -- running them ---------------------------------------------------------------------------
 
 
-def _run(todo: list[Job], jobs: int, say: Progress) -> dict[str, JobResult]:
+class Workers:
+    """Worker processes for the jobs, spawned (not forked) so that each starts clean."""
+
+    def __init__(self, jobs: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        self.queue = context.Queue()
+        self.size = max(1, min(jobs, os.cpu_count() or 1))
+        self.pool = ProcessPoolExecutor(
+            self.size, mp_context=context, initializer=_init_worker, initargs=(self.queue,)
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.queue.close()
+        self.queue.join_thread()
+
+
+_QUEUE: Any = None
+
+
+def _init_worker(queue: Any) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _run_in_worker(job: Job) -> JobResult:
+    return run_job(job, _QUEUE.put)
+
+
+def _run(todo: list[Job], workers: Workers | None, say: Progress) -> dict[str, JobResult]:
     if not todo:
         return {}
-    workers = max(1, min(jobs, len(todo), os.cpu_count() or 1))
-    if workers == 1:
+    if workers is None:
         return {job.label: run_job(job, say) for job in todo}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    context = multiprocessing.get_context("spawn")
-    queue = context.Manager().Queue()
     results: dict[str, JobResult] = {}
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(_run_in_worker, job, queue): job for job in todo}
-        pending = set(futures)
-        while pending:
-            while not queue.empty():
-                say(queue.get())
-            done = {f for f in pending if f.done()}
-            for future in done:
-                job = futures[future]
-                try:
-                    results[job.label] = future.result()
-                except Exception as exc:  # a worker that died: its files are reported, not lost
-                    results[job.label] = JobResult(
-                        errors=[
-                            ErrorEntry(m.source, f"conversion process failed: {exc}")
-                            for m in job.models
-                            if m.name in job.stale
-                        ]
-                    )
-            pending -= done
-            if pending:
-                time.sleep(0.05)
-        while not queue.empty():
-            say(queue.get())
+    futures = {workers.pool.submit(_run_in_worker, job): job for job in todo}
+    pending = set(futures)
+    while pending:
+        _drain(workers.queue, say)
+        done = {f for f in pending if f.done()}
+        for future in done:
+            job = futures[future]
+            try:
+                results[job.label] = future.result()
+            except Exception as exc:  # a worker that died: its files are reported, not lost
+                results[job.label] = JobResult(
+                    errors=[
+                        ErrorEntry(m.source, f"conversion process failed: {exc}")
+                        for m in job.models
+                        if m.name in job.stale
+                    ]
+                )
+        pending -= done
+        if pending:
+            time.sleep(0.05)
+    _drain(workers.queue, say)
     return results
 
 
-def _run_in_worker(job: Job, queue: Any) -> JobResult:
-    return run_job(job, queue.put)
+def _drain(queue: Any, say: Progress) -> None:
+    import queue as queues
+
+    while True:
+        try:
+            say(queue.get_nowait())
+        except queues.Empty:
+            return
 
 
 def run_job(job: Job, say: Progress) -> JobResult:
@@ -410,7 +448,7 @@ def _emit_pipeline(
 ) -> dict[str, Any]:
     settings = job.settings[model.name]
     pre = PREPROCESSING[model.preprocessing]
-    user = _source_metadata(model, settings) | {"role": "head"}
+    user = _source_metadata(model, settings, job.sha256[model.name]) | {"role": "head"}
     emit.name_features(head, label=settings.label_name, probs=settings.probabilities_name)
     emit.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
     stub = emit.make_stub(backbone, backbone_file)
@@ -438,17 +476,15 @@ def _emit_pipeline(
     emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
     size = emit.write_spec(job.out / file, pipeline, Path(model.source))
     return asdict(
-        _classifier_report(
-            model, group.id, file, size, len(emit.serialise(head)), len(emit.serialise(merged))
-        )
+        _classifier_report(model, group.id, file, size, head.ByteSize(), merged.ByteSize())
     )
 
 
-def _source_metadata(model: ModelPlan, settings: ModelSettings) -> dict[str, str]:
+def _source_metadata(model: ModelPlan, settings: ModelSettings, sha256: str) -> dict[str, str]:
     source = Path(model.source)
     user = {
         "source": source.name,
-        "source_sha256": file_sha256(source),
+        "source_sha256": sha256,
         "labels": emit.labels_metadata(model.labels),
     }
     if settings.display_name:
@@ -490,7 +526,7 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
             spec,
             settings.description
             or f"{title}: {model.num_classes}-class image classifier (standalone)",
-            _source_metadata(model, settings) | {"role": "standalone"},
+            _source_metadata(model, settings, job.sha256[model.name]) | {"role": "standalone"},
             PREPROCESSING[model.preprocessing],
             author=settings.author,
             license=settings.license,

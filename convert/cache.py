@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -145,8 +144,3 @@ class Cache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
-
-
-def stat_signature(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns

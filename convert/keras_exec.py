@@ -193,7 +193,7 @@ def concrete_function(fn: Callable[[Any], Any], shape: list[int], name: str, sou
     spec = tf.TensorSpec(shape, tf.float32, name=name)
     try:
         with _grouped_convolutions_inline():
-            return tf.function(lambda x: fn(x)).get_concrete_function(spec)
+            return tf.function(lambda x: fn(x), autograph=False).get_concrete_function(spec)
     except Exception as exc:  # a layer that cannot be replayed: Keras raises many kinds
         reason = _keras_reason(exc)
         raise ConversionError(source, f"cannot trace the model's layers: {reason}") from None
