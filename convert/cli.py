@@ -14,6 +14,7 @@ from convert import __version__
 from convert.build import DEFAULT_JOBS
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
+from convert.plan import DEFAULT_MIN_SHARED
 from convert.verify import TOLERANCES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -42,10 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--min-shared",
         type=float,
-        default=0.5,
+        default=DEFAULT_MIN_SHARED,
         metavar="FRACTION",
         help="share a backbone only if it holds at least this fraction of each member's "
-        "parameters (default 0.5)",
+        f"parameters (default {DEFAULT_MIN_SHARED})",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")

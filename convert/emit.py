@@ -7,7 +7,6 @@ here; what to build was decided in :mod:`convert.plan`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -429,14 +428,6 @@ def _coremltools_version() -> str:
 
 def labels_metadata(labels: list[str]) -> str:
     return json.dumps(labels, ensure_ascii=False)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- files -------------------------------------------------------------------------------------

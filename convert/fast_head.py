@@ -28,24 +28,13 @@ import numpy as np
 
 from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, SPEC_VERSION
 from convert.errors import ConversionError
+from convert.fingerprint import IDENTITY_AT_INFERENCE
 from convert.graph import Graph, Layer, Node
 from convert.h5reader import load_weight
 from convert.heavy import coremltools
 
-# Layers that compute the identity at inference time.
-IDENTITY_LAYERS = frozenset(
-    [
-        "Dropout",
-        "SpatialDropout1D",
-        "SpatialDropout2D",
-        "SpatialDropout3D",
-        "GaussianNoise",
-        "GaussianDropout",
-        "AlphaDropout",
-        "ActivityRegularization",
-        "Identity",
-    ]
-)
+# Layers that compute the identity at inference time (dropouts, noise, augmentation).
+IDENTITY_LAYERS = IDENTITY_AT_INFERENCE
 
 # tf.nn.selu / keras.ops.selu
 SELU_ALPHA = 1.6732632423543772848170429916717

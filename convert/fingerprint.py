@@ -24,6 +24,7 @@ IDENTITY_AT_INFERENCE = {
     "GaussianDropout",
     "AlphaDropout",
     "ActivityRegularization",
+    "Identity",
     "RandomFlip",
     "RandomRotation",
     "RandomZoom",

@@ -365,6 +365,7 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
         if top not in root:
             continue
         group = root[top]
+        group_name = group.name  # an HDF5 call each time it is asked
         owners = _OwnerIndex([layer for p, layer in layers.items() if p[0] == top])
         for raw_name in _attr_list(group, "weight_names") or []:
             weight_name = _text(raw_name)
@@ -375,7 +376,7 @@ def _attach_weights(path: Path, root: Any, layers: dict[tuple[str, ...], Layer],
                 )
             dataset = group[weight_name]
             owner.weights.append(
-                _weight(f"{group.name}/{weight_name}", weight_name, dataset, digest)
+                _weight(f"{group_name}/{weight_name}", weight_name, dataset, digest)
             )
 
 
@@ -428,7 +429,7 @@ def _weight(dataset_path: str, weight_name: str, dataset: Any, digest: bool) -> 
     if digest:
         values = np.ascontiguousarray(dataset[()], dtype=dtype)
         h = hashlib.sha256(f"{dtype.str}{shape}".encode())
-        h.update(values.tobytes())
+        h.update(values.data)
         hexdigest = h.hexdigest()
     else:
         hexdigest = ""

@@ -29,7 +29,10 @@ from convert.labels import complete_labels, resolve_labels
 from convert.manifest import Manifest
 
 BYTES_PER_PARAMETER = 4  # the backbone and heads are written as float32
-DEFAULT_MIN_SHARED = 0.5  # share a backbone only if it holds at least half of each member
+# Share a backbone only if it holds at least this much of each member: a frozen prefix worth a
+# quarter of a model (MobileNetV2 up to its last block) is worth a linked model; a stem of a few
+# layers is not.
+DEFAULT_MIN_SHARED = 0.25
 MODEL_SUFFIXES = (".h5", ".hdf5")
 
 
@@ -433,7 +436,12 @@ def group_models(
         first = by_name[members[0]]
         split = key.tensors[members[0]]
         fp, preprocessing = kid
-        family = detect_family(first.graph, first.graph.ancestors([split])) or "Backbone"
+        # a prefix of a known backbone (fine-tuned last blocks cut off) keeps its family's name
+        family = (
+            detect_family(first.graph, first.graph.ancestors([split]))
+            or first.plan.family
+            or "Backbone"
+        )
         short = hashlib.sha256(f"{fp}:{preprocessing}".encode()).hexdigest()[:8]
         saved = (len(members) - 1) * key.parameters
         group = GroupPlan(
