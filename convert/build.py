@@ -383,13 +383,17 @@ def _group_job(job: Job, say: Progress) -> JobResult:
                 model, group, backbone, head, backbone_file, backbone_sha, job, file
             )
             result.written[file] = row
-            say(f"{model.name}: head and pipeline in {time.perf_counter() - started:.1f}s")
+            say(f"{model.name}: head and pipeline in {_duration(time.perf_counter() - started)}")
         except SplitError as exc:
             result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
         finally:
             if objects._objects is not None:
                 _release()
     return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _cached_spec(cache: Cache, key: str):

@@ -181,9 +181,7 @@ def without_metadata(spec: Any) -> Any:
     return desc
 
 
-def check_head(
-    graph: Graph, plan: ModelPlan, seed: int = 0, against_ct: bool = True
-) -> dict[str, float]:
+def check_head(graph: Graph, plan: ModelPlan, seed: int = 0) -> dict[str, float]:
     """Fast head vs ct.convert head vs Keras on the same features; returns the differences."""
     from convert.keras_exec import layer_objects, load_keras_model, subgraph_function
 
@@ -206,15 +204,14 @@ def check_head(
     scale = max(1.0, float(np.abs(p_keras).max()))  # logits need not lie in [0, 1]
     diffs = {"keras": float(np.abs(p_fast - p_keras).max()) / scale}
     assert (p_fast.argmax(1) == p_keras.argmax(1)).all()
-    if against_ct:
-        slow = emit.convert_head(graph, objects, plan)
-        assert without_metadata(fast) == without_metadata(slow)  # the same interface, exactly
-        assert fast.neuralNetworkClassifier.arrayInputShapeMapping == (
-            slow.neuralNetworkClassifier.arrayInputShapeMapping
-        )
-        p_slow = probabilities(slow, x)
-        diffs["ct"] = float(np.abs(p_fast - p_slow).max()) / scale
-        assert (p_fast.argmax(1) == p_slow.argmax(1)).all()
+    slow = emit.convert_head(graph, objects, plan)
+    assert without_metadata(fast) == without_metadata(slow)  # the same interface, exactly
+    assert fast.neuralNetworkClassifier.arrayInputShapeMapping == (
+        slow.neuralNetworkClassifier.arrayInputShapeMapping
+    )
+    p_slow = probabilities(slow, x)
+    diffs["ct"] = float(np.abs(p_fast - p_slow).max()) / scale
+    assert (p_fast.argmax(1) == p_slow.argmax(1)).all()
     assert max(diffs.values()) <= TOLERANCE, diffs
     return diffs
 
@@ -251,9 +248,9 @@ def test_tiny_heads_match_ct_convert_and_keras(tmp_path: Path, flavour: str, nam
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_elu_alpha_matches_keras(tmp_path: Path, flavour: str) -> None:
-    """ELU(alpha != 1): ct.convert lowers it to a select the reference evaluator lacks, so this
-    head is compared with Keras only."""
+def test_elu_alpha_matches_ct_convert_and_keras(tmp_path: Path, flavour: str) -> None:
+    """ELU(alpha != 1): ct.convert lowers it to a select (whereBroadcastable), the fast head to
+    Core ML's ELU layer."""
     K = factory.keras_module(flavour)
     head = [
         K.layers.Dense(6, name="hidden"),
@@ -261,7 +258,7 @@ def test_elu_alpha_matches_keras(tmp_path: Path, flavour: str) -> None:
         K.layers.Dense(3, activation="softmax", name="predictions"),
     ]
     graph = read_model(save_tiny(tmp_path / f"elu_{flavour}.h5", flavour, head, True))
-    check_head(graph, model_plan(graph, split_after(graph, "pool"), 3), against_ct=False)
+    check_head(graph, model_plan(graph, split_after(graph, "pool"), 3))
 
 
 def test_zoo_heads_match_ct_convert(zoo: Path) -> None:

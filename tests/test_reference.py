@@ -1052,3 +1052,20 @@ def test_every_pipeline_the_cli_writes_matches_its_keras_model(built) -> None:
         assert [b[1].name for b in model.bound] == [f"{entry['group']}.mlmodel"]
         checked += 1
     assert checked >= 2
+
+
+def test_where_broadcastable_picks_by_condition_and_broadcasts() -> None:
+    """ELU(alpha != 1) from ct.convert: where(x > 0, x, alpha * (exp(x) - 1))."""
+    ct()
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    builder = NeuralNetworkBuilder(
+        [("x", datatypes.Array(3, 4))], [("y", None)], disable_rank5_shape_mapping=True
+    )
+    builder.add_greater_than("positive", ["x"], "positive", alpha=0.0)
+    builder.add_load_constant_nd("zero", "zero", np.zeros((1, 4), np.float32), (1, 4))
+    builder.add_where_broadcastable("y", ["positive", "x", "zero"], "y")
+    x = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+    out, _ = reference.evaluate_spec(builder.spec, {"x": x}, model_dir=Path("."))
+    np.testing.assert_array_equal(out["y"][0], np.maximum(x, 0))

@@ -127,6 +127,16 @@ def logical_not(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     return (xs[0] == 0).astype(np.float32)
 
 
+@register("whereBroadcastable")
+def where_broadcastable(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
+    """``x`` where the condition is non-zero, else ``y``; all three broadcast (ct.convert uses
+    it for ELU with alpha != 1)."""
+    if len(xs) != 3:
+        raise ValueError(f"whereBroadcastable needs 3 inputs (condition, x, y), got {len(xs)}")
+    condition, x, y = xs
+    return np.where(condition != 0, x, y).astype(np.result_type(x, y))
+
+
 # -- unary -----------------------------------------------------------------------------------
 
 
