@@ -212,7 +212,7 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
         f"- Written / (backbones + heads): {t['overhead']}.",
         f"- Lower bound (unique parameters x 4 bytes): {t['lower_bound_bytes']:,} bytes.",
         "- One-by-one bytes are measured: each classifier's backbone and head merged into one "
-        "NeuralNetworkClassifier and serialised.",
+        "NeuralNetworkClassifier, whose exact serialised size protobuf reports.",
     ]
     if report.verify is not None:
         lines += [
