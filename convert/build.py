@@ -99,8 +99,22 @@ def build(
             elif cache.fresh(file, wanted) is None:
                 cache.forget(file)
         _collect(job, cache, report)
+    _remove_leftovers(plan, work, cache, say)
     cache.save()
     return report
+
+
+def _remove_leftovers(plan: Plan, work: list[Job], cache: Cache, say: Progress) -> None:
+    """Delete files an earlier build wrote for models or backbones the zoo no longer has, so that
+    ``build/`` never offers an orphan to Xcode. Only files this tool recorded writing are
+    touched, and none while a file of the zoo could not be read (its outputs stay)."""
+    if plan.errors:
+        return
+    current = {file for job in work for file in job.recipes}
+    for file in sorted(set(cache.entries) - current):
+        (cache.out / file).unlink(missing_ok=True)
+        cache.forget(file)
+        say(f"removed {file}: no longer in the zoo")
 
 
 # -- planning the jobs ----------------------------------------------------------------------

@@ -88,3 +88,17 @@ def test_a_changed_backbone_reconverts_its_group_only(work) -> None:
     assert len(new) == 1 and new[0].startswith("MobileNetV2-"), new  # the new backbone
     changed = sorted(n for n in times if n in after and after[n] != times[n])
     assert changed == ["tm_cats.mlmodel", "tm_dogs.mlmodel"]
+
+
+def test_outputs_of_removed_models_are_removed_unless_a_file_failed(work) -> None:
+    zoo, build = work
+    (zoo / "flat_k2.h5").rename(zoo / "flat_k2.h5.bak")  # removed from the zoo
+    (zoo / "tm_cats" / "keras_model.h5").write_bytes(b"not hdf5")  # unreadable this time
+    assert main(["convert", str(zoo), "--out", str(build), "--quiet"]) == 1
+    assert (build / "flat_k2.mlmodel").exists() and (build / "tm_cats.mlmodel").exists()
+    shutil.rmtree(zoo / "tm_cats")  # now the zoo reads cleanly, without two models
+    assert main(["convert", str(zoo), "--out", str(build), "--quiet"]) == 0
+    assert not (build / "flat_k2.mlmodel").exists() and not (build / "tm_cats.mlmodel").exists()
+    assert (build / "tm_dogs.mlmodel").exists()  # tm_dogs alone: converted standalone
+    report = json.loads((build / "report.json").read_text())
+    assert "flat_k2" not in {c["name"] for c in report["classifiers"]}
