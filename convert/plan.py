@@ -532,11 +532,12 @@ def make_plan(
             or default_preprocessing_name
             or settings.preprocessing
         )
+        labels_source = settings.labels_source
+        if settings.labels is not None and labels_source == "zoo.toml":  # inline in the manifest
+            labels_source = f"{manifest.path} (models.{name}.labels)"
         try:
             analyses.append(
-                analyse(
-                    path, name, choice, labels=settings.labels, labels_source=settings.labels_source
-                )
+                analyse(path, name, choice, labels=settings.labels, labels_source=labels_source)
             )
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
