@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from convert import emit
-from convert.cache import Cache, file_sha256, recipe, tool_versions
+from convert.cache import Cache, SourceCache, file_sha256, recipe, tool_versions
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
 from convert.graph import Graph
@@ -72,6 +72,7 @@ def build(
     progress: Progress | None = None,
     manifest: Manifest | None = None,
     jobs: int = DEFAULT_JOBS,
+    sources: SourceCache | None = None,
 ) -> Report:
     """Build what is stale: one job here, several in up to ``jobs`` worker processes."""
     say = progress or (lambda _msg: None)
@@ -79,7 +80,7 @@ def build(
     report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)
-    work = _jobs(plan, graphs, out, manifest, cache)
+    work = _jobs(plan, graphs, out, manifest, cache, sources or SourceCache(None))
     todo = [job for job in work if job.stale or job.write_backbone]
     fresh = len(work) - len(todo)
     if fresh:
@@ -121,10 +122,15 @@ def _remove_leftovers(plan: Plan, work: list[Job], cache: Cache, say: Progress) 
 
 
 def _jobs(
-    plan: Plan, graphs: dict[str, Graph], out: Path, manifest: Manifest, cache: Cache
+    plan: Plan,
+    graphs: dict[str, Graph],
+    out: Path,
+    manifest: Manifest,
+    cache: Cache,
+    sources: SourceCache,
 ) -> list[Job]:
     versions = tool_versions()
-    sha = {m.name: file_sha256(Path(m.source)) for m in plan.models}
+    sha = {m.name: sources.sha256(Path(m.source)) for m in plan.models}
     jobs = []
     for group in plan.groups:
         members = [plan.model(n) for n in group.members]

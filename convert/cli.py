@@ -133,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         manifest = load_manifest(args.models)
-        plan, graphs = make_plan(args.models, per_model, default, args.min_shared, manifest)
+        from convert.cache import SourceCache
+
+        sources = SourceCache(args.out if args.command == "convert" else None)
+        plan, graphs = make_plan(
+            args.models, per_model, default, args.min_shared, manifest, sources
+        )
         if args.command == "plan":
             return _plan_command(plan, args, out, err, time.perf_counter() - started)
-        return _convert_command(plan, graphs, manifest, args, out, err)
+        return _convert_command(plan, graphs, manifest, sources, args, out, err)
     except SplitError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         return EXIT_USAGE
@@ -168,7 +173,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
     return EXIT_FAILED if plan.errors else EXIT_OK
 
 
-def _convert_command(plan, graphs, manifest, args, out, err) -> int:
+def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     from convert.build import build
     from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
 
@@ -184,7 +189,7 @@ def _convert_command(plan, graphs, manifest, args, out, err) -> int:
             out.print(groups_table(plan))
     started = time.perf_counter()
     with _progress(err, show) as progress:
-        report = build(plan, graphs, args.out, progress, manifest, args.jobs)
+        report = build(plan, graphs, args.out, progress, manifest, args.jobs, sources)
     write_reports(report, args.out)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

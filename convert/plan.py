@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convert.cache import SourceCache
 from convert.errors import ModelFileError, SplitError
 from convert.families import (
     PREPROCESSING,
@@ -512,6 +513,7 @@ def make_plan(
     default_preprocessing_name: str | None = None,
     min_shared: float = DEFAULT_MIN_SHARED,
     manifest: Manifest | None = None,
+    sources: SourceCache | None = None,
 ) -> tuple[Plan, dict[str, Graph]]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
 
@@ -536,9 +538,20 @@ def make_plan(
         if settings.labels is not None and labels_source == "zoo.toml":  # inline in the manifest
             labels_source = f"{manifest.path} (models.{name}.labels)"
         try:
+            graph = sources.graph(path) if sources is not None else None
+            fresh = graph is None
             analyses.append(
-                analyse(path, name, choice, labels=settings.labels, labels_source=labels_source)
+                analyse(
+                    path,
+                    name,
+                    choice,
+                    graph=graph,
+                    labels=settings.labels,
+                    labels_source=labels_source,
+                )
             )
+            if fresh and sources is not None:
+                sources.remember(path, analyses[-1].graph)
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
     for unknown in manifest.unused_models(names.values()):

@@ -102,3 +102,31 @@ def test_outputs_of_removed_models_are_removed_unless_a_file_failed(work) -> Non
     assert (build / "tm_dogs.mlmodel").exists()  # tm_dogs alone: converted standalone
     report = json.loads((build / "report.json").read_text())
     assert "flat_k2" not in {c["name"] for c in report["classifiers"]}
+
+
+def test_read_models_are_reused_only_while_their_file_is_untouched(zoo: Path, tmp_path: Path):
+    import os
+
+    from convert.cache import SourceCache
+    from convert.h5reader import read_model
+
+    path = tmp_path / "m.h5"
+    shutil.copy2(zoo / "nested_k3.h5", path)
+    cache = SourceCache(tmp_path / "build")
+    assert cache.graph(path) is None
+    graph = read_model(path)
+    cache.remember(path, graph)
+    again = SourceCache(tmp_path / "build")
+    cached = again.graph(path)
+    assert cached is not None and [n.layer.qualified_name for n in cached.nodes] == [
+        n.layer.qualified_name for n in graph.nodes
+    ]
+    assert again.sha256(path) == cache.sha256(path)
+    # same size and modification time, other bytes: the change time still tells
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert SourceCache(tmp_path / "build").graph(path) is None
