@@ -62,7 +62,6 @@ class Job:
 class JobResult:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> report row
     errors: list[ErrorEntry] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def build(
@@ -223,9 +222,11 @@ class Workers:
 
         context = multiprocessing.get_context("spawn")
         self.queue = context.Queue()
-        self.size = max(1, min(jobs, os.cpu_count() or 1))
         self.pool = ProcessPoolExecutor(
-            self.size, mp_context=context, initializer=_init_worker, initargs=(self.queue,)
+            max(1, min(jobs, os.cpu_count() or 1)),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(self.queue,),
         )
 
     def close(self) -> None:
@@ -288,13 +289,7 @@ def _drain(queue: Any, say: Progress) -> None:
 
 def run_job(job: Job, say: Progress) -> JobResult:
     """Carry out one job (in a worker process or here)."""
-    started = time.perf_counter()
-    if job.group is None:
-        result = _standalone_job(job, say)
-    else:
-        result = _group_job(job, say)
-    result.seconds = time.perf_counter() - started
-    return result
+    return _standalone_job(job, say) if job.group is None else _group_job(job, say)
 
 
 def _load(graph: Graph, plan: ModelPlan):
@@ -334,6 +329,10 @@ class _Objects:
             _keras_model, self._objects = _load(self.graph, self.model)
         return self._objects
 
+    @property
+    def loaded(self) -> bool:
+        return self._objects is not None
+
 
 def _group_job(job: Job, say: Progress) -> JobResult:
     """The backbone (from the cache, or converted from the first member whose file loads), then
@@ -342,8 +341,6 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     A file that fails to load or whose head fails costs only that classifier. A backbone that
     coremltools cannot convert costs the whole group, and every member is told why.
     """
-    from convert.cache import Cache
-
     group = job.group
     assert group is not None
     result = JobResult()
@@ -358,14 +355,16 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         for model in job.models:
             objects = _Objects(job.graphs[model.name], model)
             try:
-                backbone = emit.convert_backbone(objects.graph, objects.get(), model, group)
-                loaded[model.name] = objects
-                break
-            except SplitError as exc:
-                failure = exc
-                if "cannot load" not in exc.reason:  # coremltools failed: no member will do
-                    break
+                keras_layers = objects.get()
+            except SplitError as exc:  # this file does not load; another member's may
                 result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+                continue
+            try:
+                backbone = emit.convert_backbone(objects.graph, keras_layers, model, group)
+                loaded[model.name] = objects
+            except SplitError as exc:  # coremltools failed: no member will do
+                failure = exc
+            break
         if backbone is None:
             reported = {e.file for e in result.errors}
             for model in job.models:
@@ -407,7 +406,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         except SplitError as exc:
             result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
         finally:
-            if objects._objects is not None:
+            if objects.loaded:
                 _release()
     return result
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from factory import keras_module
 
 ARCHS = [
     "MobileNet",
@@ -110,18 +111,6 @@ def images(size: int, n: int = 8, seed: int = 0) -> np.ndarray:
         img = img + rng.normal(0, 12, img.shape)
         out[i] = np.clip(img, 0, 255).round().astype(np.uint8)
     return out
-
-
-def keras_module(flavour: str) -> Any:
-    if flavour == "k3":
-        import keras
-
-        return keras
-    if flavour == "k2":
-        import tf_keras
-
-        return tf_keras
-    raise ValueError(f"flavour must be 'k2' or 'k3', not {flavour!r}")
 
 
 def application(flavour: str, arch: str, size: int) -> Any:

@@ -49,7 +49,9 @@ def model_pb2() -> Any:
 
 
 def convert(fn: Any, shape: tuple[int, ...], inputs: list[Any], **kwargs: Any) -> Any:
-    """``fn`` (a Keras model or any TF callable) -> NeuralNetwork spec, as convert.emit does."""
+    """``fn`` (a Keras model or any TF callable) -> NeuralNetwork spec, with coremltools'
+    default passes. Not convert.emit's conversion on purpose: emit skips the pass that makes
+    ``batchnorm`` layers, and the evaluator must still meet them (other tools write them)."""
     tf = __import__("convert.heavy", fromlist=["tensorflow"]).tensorflow()
     name = inputs[0].name
     cf = tf.function(lambda x: fn(x)).get_concrete_function(
