@@ -33,6 +33,9 @@ from convert.report import BackboneReport, ClassifierReport, Report
 
 Progress = Callable[[str], None]
 DEFAULT_JOBS = 2
+DIRECT = "direct"  # built layer by layer from the .h5 weights (convert/fast_backbone.py)
+COREMLTOOLS = "coremltools"  # traced through TensorFlow and converted with ct.convert
+BACKBONE_CONVERTERS = ("auto", COREMLTOOLS)
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Job:
     write_backbone: bool
     backbone_settings: ModelSettings = field(default_factory=ModelSettings)
     input_name: str | None = None  # the backbone's image input, if zoo.toml renames it
+    backbone_builder: str = COREMLTOOLS  # DIRECT: from the weights; COREMLTOOLS: ct.convert
+    needs_tensorflow: bool = True  # a ct.convert or a Keras load may be needed
+    tensorflow_free: bool = False  # no job of this run needs TensorFlow: do not import it
 
     @property
     def label(self) -> str:
@@ -72,15 +78,27 @@ def build(
     manifest: Manifest | None = None,
     jobs: int = DEFAULT_JOBS,
     sources: SourceCache | None = None,
+    backbone_converter: str = "auto",
 ) -> Report:
-    """Build what is stale: one job here, several in up to ``jobs`` worker processes."""
+    """Build what is stale: one job here, several in up to ``jobs`` worker processes.
+
+    ``backbone_converter``: "auto" builds each backbone straight from the weights when every
+    layer is covered (convert/fast_backbone.py) and converts it with ct.convert otherwise;
+    "coremltools" always converts with ct.convert."""
     say = progress or (lambda _msg: None)
     manifest = manifest or Manifest()
     report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)
-    work = _jobs(plan, graphs, out, manifest, cache, sources or SourceCache(None))
+    work = _jobs(
+        plan, graphs, out, manifest, cache, sources or SourceCache(None), backbone_converter
+    )
     todo = [job for job in work if job.stale or job.write_backbone]
+    # TensorFlow costs seconds to import; coremltools imports it unless told not to. When no
+    # job converts with ct.convert or loads a Keras model, the whole run goes without it.
+    free = not any(job.needs_tensorflow for job in todo)
+    for job in todo:
+        job.tensorflow_free = free
     fresh = len(work) - len(todo)
     if fresh:
         say(f"{fresh} of {len(work)} jobs up to date")
@@ -127,6 +145,7 @@ def _jobs(
     manifest: Manifest,
     cache: Cache,
     sources: SourceCache,
+    backbone_converter: str = "auto",
 ) -> list[Job]:
     versions = tool_versions()
     sha = {m.name: sources.sha256(Path(m.source)) for m in plan.models}
@@ -136,13 +155,23 @@ def _jobs(
         settings = {m.name: manifest.for_model(m.name) for m in members}
         backbone_file = f"{group.id}.mlmodel"
         input_name = settings[members[0].name].input_name  # make_plan checked they agree
-        backbone_recipe = recipe("backbone", versions, _backbone_key(group, members[0]), input_name)
+        builder = _backbone_builder(members[0], graphs[members[0].name], backbone_converter)
+        backbone_recipe = recipe(
+            "backbone",
+            versions,
+            _backbone_key(group, members[0]) | {"builder": builder},
+            input_name,
+        )
         recipes = {backbone_file: backbone_recipe}
         for m in members:
             recipes[f"{m.name}.mlmodel"] = recipe(
                 "pipeline", versions, backbone_recipe, _model_key(m, sha[m.name], settings[m.name])
             )
         stale = [m.name for m in members if not cache.fresh(*_output(m, recipes))]
+        write_backbone = cache.fresh(backbone_file, backbone_recipe) is None
+        needs_tf = (write_backbone and builder != DIRECT) or any(
+            _head_needs_tensorflow(plan.model(name), graphs[name]) for name in stale
+        )
         jobs.append(
             Job(
                 group=group,
@@ -153,16 +182,20 @@ def _jobs(
                 recipes=recipes,
                 sha256={m.name: sha[m.name] for m in members},
                 stale=stale,
-                write_backbone=cache.fresh(backbone_file, backbone_recipe) is None,
+                write_backbone=write_backbone,
                 backbone_settings=manifest.defaults,
                 input_name=input_name,
+                backbone_builder=builder,
+                needs_tensorflow=needs_tf,
             )
         )
     for m in plan.models:
         if m.group is None:
             settings = manifest.for_model(m.name)
             file = f"{m.name}.mlmodel"
-            wanted = recipe("standalone", versions, _model_key(m, sha[m.name], settings))
+            builder = _standalone_builder(m, graphs[m.name], backbone_converter)
+            key = _model_key(m, sha[m.name], settings) | {"builder": builder}
+            wanted = recipe("standalone", versions, key)
             jobs.append(
                 Job(
                     group=None,
@@ -174,9 +207,43 @@ def _jobs(
                     sha256={m.name: sha[m.name]},
                     stale=[] if cache.fresh(file, wanted) else [m.name],
                     write_backbone=False,
+                    backbone_builder=builder,
+                    needs_tensorflow=builder != DIRECT,
                 )
             )
     return jobs
+
+
+def _backbone_builder(first: ModelPlan, graph: Graph, converter: str) -> str:
+    """DIRECT when the backbone's layers are all covered by fast_backbone, else COREMLTOOLS.
+    Members share the backbone's weights and structure, so the first member decides."""
+    from convert import fast_backbone
+
+    if converter == COREMLTOOLS or first.split_tensor is None:
+        return COREMLTOOLS
+    return DIRECT if fast_backbone.supported(graph, first.split_tensor) is None else COREMLTOOLS
+
+
+def _standalone_builder(model: ModelPlan, graph: Graph, converter: str) -> str:
+    """DIRECT when every layer of the model is covered by fast_backbone and its labels are
+    settled without loading it, else COREMLTOOLS."""
+    from convert import fast_backbone
+
+    if converter == COREMLTOOLS or not model.output_size_known:
+        return COREMLTOOLS
+    return DIRECT if fast_backbone.supported(graph, graph.outputs[0]) is None else COREMLTOOLS
+
+
+def _head_needs_tensorflow(model: ModelPlan, graph: Graph) -> bool:
+    from convert import fast_backbone, fast_head
+
+    if not model.output_size_known or model.split_tensor is None:
+        return True  # the labels wait for the loaded model's output size
+    split, output = model.split_tensor, graph.outputs[0]
+    return (
+        fast_head.supported(graph, split, output) is not None
+        and fast_backbone.head_supported(graph, split, output) is not None
+    )
 
 
 def _output(model: ModelPlan, recipes: dict[str, str]) -> tuple[str, str]:
@@ -289,6 +356,10 @@ def _drain(queue: Any, say: Progress) -> None:
 
 def run_job(job: Job, say: Progress) -> JobResult:
     """Carry out one job (in a worker process or here)."""
+    if job.tensorflow_free:
+        from convert.heavy import forgo_tensorflow
+
+        forgo_tensorflow()
     return _standalone_job(job, say) if job.group is None else _group_job(job, say)
 
 
@@ -335,8 +406,8 @@ class _Objects:
 
 
 def _group_job(job: Job, say: Progress) -> JobResult:
-    """The backbone (from the cache, or converted from the first member whose file loads), then
-    the heads and pipelines of the stale members.
+    """The backbone (from the cache, built from the weights, or converted with ct.convert from
+    the first member whose file loads), then the heads and pipelines of the stale members.
 
     A file that fails to load or whose head fails costs only that classifier. A backbone that
     coremltools cannot convert costs the whole group, and every member is told why.
@@ -350,21 +421,11 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     backbone = _cached_spec(cache, key)
     loaded: dict[str, _Objects] = {}
     if backbone is None:
-        say(f"{group.id}: converting the backbone")
         failure = None
-        for model in job.models:
-            objects = _Objects(job.graphs[model.name], model)
-            try:
-                keras_layers = objects.get()
-            except SplitError as exc:  # this file does not load; another member's may
-                result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
-                continue
-            try:
-                backbone = emit.convert_backbone(objects.graph, keras_layers, model, group)
-                loaded[model.name] = objects
-            except SplitError as exc:  # coremltools failed: no member will do
-                failure = exc
-            break
+        if job.backbone_builder == DIRECT:
+            backbone = _direct_backbone(job, result, say)
+        else:
+            backbone, failure = _converted_backbone(job, result, loaded, say)
         if backbone is None:
             reported = {e.file for e in result.errors}
             for model in job.models:
@@ -411,6 +472,56 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     return result
 
 
+def _converted_backbone(job: Job, result: JobResult, loaded: dict[str, _Objects], say: Progress):
+    """(backbone, None) converted with ct.convert from the first member whose file loads, or
+    (None, the coremltools failure) - or (None, None) if no member loads."""
+    group = job.group
+    assert group is not None
+    say(f"{group.id}: converting the backbone with coremltools")
+    for model in job.models:
+        objects = _Objects(job.graphs[model.name], model)
+        try:
+            keras_layers = objects.get()
+        except SplitError as exc:  # this file does not load; another member's may
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+            continue
+        try:
+            backbone = emit.convert_backbone(objects.graph, keras_layers, model, group)
+        except SplitError as exc:  # coremltools failed: no member will do
+            return None, exc
+        loaded[model.name] = objects
+        return backbone, None
+    return None, None
+
+
+def _direct_backbone(job: Job, result: JobResult, say: Progress):
+    """The backbone built from the weights of the first member whose file reads; None (with
+    every member told why) if none does."""
+    from convert import fast_backbone
+
+    group = job.group
+    assert group is not None
+    started = time.perf_counter()
+    for model in job.models:
+        assert model.split_tensor is not None
+        try:
+            spec = fast_backbone.build_backbone(
+                job.graphs[model.name],
+                model.split_tensor,
+                PREPROCESSING[group.preprocessing],
+                model.input_shape,
+            )
+        except SplitError as exc:  # this file's weights do not read; another member's may
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+            continue
+        say(
+            f"{group.id}: backbone built from the weights in "
+            f"{_duration(time.perf_counter() - started)}"
+        )
+        return spec
+    return None
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
@@ -431,14 +542,17 @@ def _sha_of(path: Path) -> str:
 
 
 def _head(objects: _Objects, model: ModelPlan):
-    """The head spec: built straight from the weights when its layers allow, else converted."""
-    from convert import fast_head
+    """The head spec: built straight from the weights when its layers allow (a chain of
+    Dense-like layers in fast_head, anything fast_backbone covers there), else converted."""
+    from convert import fast_backbone, fast_head
 
     graph = objects.graph
     assert model.split_tensor is not None
     shape = emit.feature_shape(graph, model.split_tensor)
     if fast_head.supported(graph, model.split_tensor, graph.outputs[0]) is None:
         return fast_head.build_head(graph, model.split_tensor, list(model.labels), shape)
+    if fast_backbone.head_supported(graph, model.split_tensor, graph.outputs[0]) is None:
+        return fast_backbone.build_head(graph, model.split_tensor, list(model.labels), shape)
     return emit.convert_head(graph, objects.get(), model)
 
 
@@ -536,11 +650,18 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
     model = job.models[0]
     settings = job.settings[model.name]
     result = JobResult()
-    say(f"{model.name}: converting standalone ({model.standalone_reason})")
+    how = "building from the weights" if job.backbone_builder == DIRECT else "converting"
+    say(f"{model.name}: {how} standalone ({model.standalone_reason})")
     try:
         graph = job.graphs[model.name]
-        _keras_model, objects = _load(graph, model)
-        spec = emit.convert_standalone(graph, objects, model)
+        if job.backbone_builder == DIRECT:
+            from convert import fast_backbone
+
+            pre = PREPROCESSING[model.preprocessing]
+            spec = fast_backbone.build_classifier(graph, model.labels, pre, model.input_shape)
+        else:
+            _keras_model, objects = _load(graph, model)
+            spec = emit.convert_standalone(graph, objects, model)
         emit.name_features(
             spec, settings.input_name, settings.label_name, settings.probabilities_name
         )
@@ -584,6 +705,7 @@ def _collect(job: Job, cache: Cache, report: Report) -> None:
                     members=list(group.members),
                     split_layer=group.split_layer,
                     preprocessing=group.preprocessing,
+                    builder=job.backbone_builder,
                 )
             )
     for model in job.models:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from convert import __version__
-from convert.build import DEFAULT_JOBS
+from convert.build import BACKBONE_CONVERTERS, DEFAULT_JOBS
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
 from convert.plan import DEFAULT_MIN_SHARED
@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_JOBS,
         metavar="N",
         help=f"convert up to N groups at once, in separate processes (default {DEFAULT_JOBS})",
+    )
+    convert.add_argument(
+        "--backbone-converter",
+        choices=BACKBONE_CONVERTERS,
+        default="auto",
+        help="auto (default): build each shared backbone straight from the .h5 weights when "
+        "all its layers are covered, else with ct.convert; coremltools: always ct.convert",
     )
     verify = sub.add_parser(
         "verify",
@@ -189,7 +196,16 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             out.print(groups_table(plan))
     started = time.perf_counter()
     with _progress(err, show) as progress:
-        report = build(plan, graphs, args.out, progress, manifest, args.jobs, sources)
+        report = build(
+            plan,
+            graphs,
+            args.out,
+            progress,
+            manifest,
+            args.jobs,
+            sources,
+            backbone_converter=args.backbone_converter,
+        )
     write_reports(report, args.out)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

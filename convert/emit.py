@@ -17,7 +17,7 @@ from typing import Any
 from convert import __version__
 from convert.errors import ConversionError
 from convert.families import PREPROCESSING, Preprocessing
-from convert.heavy import coremltools, tensorflow
+from convert.heavy import coremltools, coremltools_converts_tensorflow, tensorflow
 from convert.plan import GroupPlan, ModelPlan
 
 SPEC_VERSION = 4  # iOS 13 / macOS 10.15: the minimum for linked models
@@ -61,6 +61,12 @@ def _quiet_coremltools():
 
 def _ct_convert(source: Path, what: str, function: Any, inputs: list[Any], **kwargs: Any) -> Any:
     ct = coremltools()
+    if not coremltools_converts_tensorflow():  # a bug in deciding the run needs no TensorFlow
+        raise ConversionError(
+            source,
+            f"internal error: the {what} needs ct.convert, but coremltools was imported "
+            "without TensorFlow for this run; rerun with --backbone-converter coremltools",
+        )
     _register_missing_tf_ops()
     _reset_op_names()
     try:

@@ -41,8 +41,34 @@ def tensorflow() -> Any:
     return tf
 
 
+_FORGO_TENSORFLOW = False
+
+
+def forgo_tensorflow() -> None:
+    """This process will not convert with ct.convert: let coremltools import without
+    TensorFlow (about 2 s less). coremltools imports TensorFlow at import time to enable its
+    TensorFlow frontend; with it hidden, everything else in coremltools (the protobufs, the
+    NeuralNetworkBuilder) works as before. Has no effect once coremltools is imported."""
+    global _FORGO_TENSORFLOW
+    _FORGO_TENSORFLOW = True
+
+
+def coremltools_converts_tensorflow() -> bool:
+    """Whether the imported coremltools has its TensorFlow frontend (ct.convert from TF)."""
+    from coremltools import _deps
+
+    return bool(_deps._HAS_TF_2)
+
+
 def coremltools() -> Any:
-    tensorflow()
+    if "coremltools" in sys.modules:
+        import coremltools as ct
+
+        return ct
+    if _FORGO_TENSORFLOW and "tensorflow" not in sys.modules:
+        _import_coremltools_without_tensorflow()
+    else:
+        tensorflow()  # imported quietly here, before coremltools imports it
     os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' progress bars; we print our own
     logger = logging.getLogger("coremltools")
     if "coremltools" not in sys.modules:
@@ -55,6 +81,20 @@ def coremltools() -> Any:
     import coremltools as ct
 
     return ct
+
+
+def _import_coremltools_without_tensorflow() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # makes `import tensorflow` fail
+    try:
+        with _stderr_silenced():  # "Failed to load _MLModelProxy" notices on Linux
+            import coremltools  # noqa: F401
+    finally:
+        del sys.modules["tensorflow"]
+        logger.setLevel(level)
 
 
 def keras(major: int) -> Any:

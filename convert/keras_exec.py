@@ -29,16 +29,41 @@ def load_keras_model(graph: Graph) -> Any:
         k = keras(graph.keras_major)
         if graph.keras_major < 3:
             with k.utils.custom_object_scope(_application_layers(2)):
-                return k.models.load_model(path, compile=False)
+                return _finalized(k.models.load_model(path, compile=False))
         config = _keras3_config(path)
         if config is None or not _repair_ops_nodes(config):
             with k.utils.custom_object_scope(_application_layers(3)):
-                return k.models.load_model(path, compile=False, safe_mode=True)
-        return _load_repaired(path, config)
+                return _finalized(k.models.load_model(path, compile=False, safe_mode=True))
+        return _finalized(_load_repaired(path, config))
     except Exception as exc:  # Keras raises many kinds; the user needs the reason, in one line
         raise ConversionError(
             path, f"{flavour} cannot load the model: {_first_line(exc)}"
         ) from None
+
+
+def _finalized(model: Any) -> Any:
+    """Let every layer with adapted state recompute it from its loaded weights.
+
+    A Normalization layer computes with ``mean`` and ``variance`` tensors that it derives from its
+    stored weights in ``finalize_state()``. Keras 3's legacy HDF5 loader calls that only on the
+    layers it sets weights on directly, so in a backbone nested as one layer (EfficientNet's
+    Normalization, the usual transfer-learning layout) the tensors keep their build-time values,
+    mean 0 and variance 1, and the reloaded model no longer computes what it was trained with.
+    """
+    for layer in _all_layers(model):
+        finalize = getattr(layer, "finalize_state", None)
+        if callable(finalize) and getattr(layer, "built", False):
+            finalize()
+    return model
+
+
+def _all_layers(model: Any) -> list[Any]:
+    out, todo = [], list(getattr(model, "layers", []))
+    while todo:
+        layer = todo.pop()
+        out.append(layer)
+        todo.extend(getattr(layer, "layers", []) or [])
+    return out
 
 
 # Keras 3 cannot reload some of its own legacy HDF5 files:

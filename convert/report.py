@@ -24,6 +24,7 @@ class BackboneReport:
     members: list[str]
     split_layer: str
     preprocessing: str
+    builder: str = ""  # "direct" (from the .h5 weights) or "coremltools" (ct.convert)
 
 
 @dataclass
@@ -191,6 +192,9 @@ def summary_line(report: Report) -> str:
 # -- files -----------------------------------------------------------------------------------
 
 
+BUILDER_NOTES = {"direct": ", built from the weights", "coremltools": ", ct.convert"}
+
+
 def markdown(report: Report, picture: str | None = "report.svg") -> str:
     t = report.totals()
     lines = ["# coreml-split report", "", summary_line(report), ""]
@@ -198,7 +202,8 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
         lines += [f"![bytes shipped, one by one vs split]({picture})", ""]
     lines += ["| file | role | bytes | head bytes | one-by-one bytes |", "|---|---|---:|---:|---:|"]
     for b in report.backbones:
-        lines.append(f"| {b.file} | backbone, shared by {len(b.members)} | {b.bytes:,} | | |")
+        how = BUILDER_NOTES.get(b.builder, "")
+        lines.append(f"| {b.file} | backbone, shared by {len(b.members)}{how} | {b.bytes:,} | | |")
     for c in report.classifiers:
         role = f"pipeline on {c.group}" if c.group else "standalone"
         lines.append(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -53,35 +54,55 @@ ARCHS = [
 ]
 
 
+# Architectures whose backbone has a layer convert/fast_backbone.py does not build, so that
+# "auto" converts it with ct.convert: ConvNeXt's LayerNormalization.
+NOT_DIRECT = {"ConvNeXtTiny"}
+CONVERTERS = ("auto", "coremltools")
+
+
 @dataclass
 class Run:
     arch: str
     size: int
     zoo: Path
-    out: Path
-    exit_code: int
-    stderr: str
+    outs: dict[str, Path]  # --backbone-converter -> output folder
+    exit_codes: dict[str, int]
+    stderr: dict[str, str]
     build_seconds: float
-    convert_seconds: float
+    convert_seconds: dict[str, float]
+
+    @property
+    def out(self) -> Path:
+        return self.outs["auto"]
 
 
 @pytest.fixture(scope="module")
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """Build ``request.param``'s zoo and run ``coreml-split convert zoo --out out --quiet``."""
+    """Build ``request.param``'s zoo and convert it twice, ``--quiet``: with the default
+    ``--backbone-converter auto`` (the backbone built from the weights where it can be) and with
+    ``--backbone-converter coremltools`` (always ct.convert)."""
     arch = request.param
     size = arch_zoo.MIN_SIZE[arch]
     root = tmp_path_factory.mktemp(arch)
-    zoo, out = root / "zoo", root / "out"
+    zoo = root / "zoo"
     zoo.mkdir()
     started = time.perf_counter()
     for name, (classes, head_seed) in CLASSIFIERS.items():
         arch_zoo.save_arch_classifier(zoo / f"{name}.h5", arch, "k3", classes, head_seed)
-    built = time.perf_counter()
-    stderr = io.StringIO()  # the CLI's rich console writes to whatever sys.stderr is then
-    with contextlib.redirect_stderr(stderr):
-        code = main(["convert", str(zoo), "--out", str(out), "--quiet"])
-    converted = time.perf_counter()
-    yield Run(arch, size, zoo, out, code, stderr.getvalue(), built - started, converted - built)
+    built = time.perf_counter() - started
+    outs, codes, errs, seconds = {}, {}, {}, {}
+    for converter in CONVERTERS:
+        outs[converter] = root / f"out-{converter}"
+        stderr = io.StringIO()  # the CLI's rich console writes to whatever sys.stderr is then
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(stderr):
+            codes[converter] = main(
+                ["convert", str(zoo), "--out", str(outs[converter]), "--quiet"]
+                + ["--backbone-converter", converter]
+            )
+        seconds[converter] = time.perf_counter() - started
+        errs[converter] = stderr.getvalue()
+    yield Run(arch, size, zoo, outs, codes, errs, built, seconds)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -91,24 +112,37 @@ def _load_spec(path: Path):
     return Model_pb2.Model.FromString(path.read_bytes())
 
 
+@pytest.mark.parametrize("converter", CONVERTERS)
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
-def test_convert(run: Run) -> None:
+def test_convert(run: Run, converter: str) -> None:
     """One backbone and two valid pipelines, every file valid with strict types."""
-    assert run.exit_code == 0, run.stderr
-    assert run.stderr.strip() == ""
-    files = sorted(p.name for p in run.out.glob("*.mlmodel"))
+    out = run.outs[converter]
+    assert run.exit_codes[converter] == 0, run.stderr[converter]
+    assert run.stderr[converter].strip() == ""
+    files = sorted(p.name for p in out.glob("*.mlmodel"))
     for name in files:
-        assert validate_file(run.out / name, strict_types=True) == [], name
+        assert validate_file(out / name, strict_types=True) == [], name
     pipelines = sorted(f"{name}.mlmodel" for name in CLASSIFIERS)
     backbones = sorted(set(files) - set(pipelines))
     assert len(backbones) == 1 and len(files) == 3, files
-    assert _load_spec(run.out / backbones[0]).WhichOneof("Type") == "neuralNetwork"
+    assert _load_spec(out / backbones[0]).WhichOneof("Type") == "neuralNetwork"
     for name in pipelines:
-        spec = _load_spec(run.out / name)
+        spec = _load_spec(out / name)
         assert spec.WhichOneof("Type") == "pipelineClassifier"
         stub = spec.pipelineClassifier.pipeline.models[0]
         link = stub.linkedModel.linkedModelFile.linkedModelFileName.defaultValue
         assert link == Path(backbones[0]).stem + ".mlmodelc"
+
+
+@pytest.mark.parametrize("run", ARCHS, indirect=True)
+def test_backbone_builder(run: Run) -> None:
+    """ "auto" builds every backbone here from the weights but NOT_DIRECT's, and the report
+    says which way each was made."""
+    expected = "coremltools" if run.arch in NOT_DIRECT else "direct"
+    for converter in CONVERTERS:
+        report = json.loads((run.outs[converter] / "report.json").read_text())
+        builders = [b["builder"] for b in report["backbones"]]
+        assert builders == [expected if converter == "auto" else "coremltools"], converter
 
 
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
@@ -157,18 +191,20 @@ def _layer_kinds(path: Path) -> set[str]:
     return kinds
 
 
+@pytest.mark.parametrize("converter", CONVERTERS)
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
-def test_classifiers_match_keras(run: Run) -> None:
+def test_classifiers_match_keras(run: Run, converter: str) -> None:
     reference = pytest.importorskip("convert.reference")
-    assert run.exit_code == 0, run.stderr
-    kinds = set().union(*(_layer_kinds(p) for p in run.out.glob("*.mlmodel")))
+    out = run.outs[converter]
+    assert run.exit_codes[converter] == 0, run.stderr[converter]
+    kinds = set().union(*(_layer_kinds(p) for p in out.glob("*.mlmodel")))
     missing = sorted(kinds - set(reference.REGISTRY))
     assert not missing, f"layer kinds the evaluator lacks: {missing}"
     _, preprocessing = arch_zoo.FAMILIES[run.arch]
     pixels = arch_zoo.images(run.size, n=PARITY_IMAGES, seed=99)
     for name in CLASSIFIERS:
         expected = arch_zoo.keras_probabilities(run.zoo / f"{name}.h5", pixels, preprocessing)
-        got = reference.load(run.out / f"{name}.mlmodel").predict({"image": pixels})
+        got = reference.load(out / f"{name}.mlmodel").predict({"image": pixels})
         got = np.asarray(got["__probabilities__"], np.float64)
         assert got.shape == expected.shape
         agree = float(np.mean(got.argmax(axis=1) == expected.argmax(axis=1)))
@@ -177,3 +213,23 @@ def test_classifiers_match_keras(run: Run) -> None:
         assert agree == 1.0 and worst <= atol, (
             f"{name}: top-1 agreement {agree:.0%}, max |dprob| {worst:.2e}"
         )
+
+
+@pytest.mark.parametrize("run", ARCHS, indirect=True)
+def test_direct_backbone_matches_coremltools(run: Run) -> None:
+    """Where "auto" built the backbone from the weights, its features match ct.convert's
+    backbone on the same images (both run by the evaluator)."""
+    if run.arch in NOT_DIRECT:
+        pytest.skip("converted with ct.convert either way")
+    reference = pytest.importorskip("convert.reference")
+    pixels = arch_zoo.images(run.size, n=4, seed=5)
+    features = {}
+    for converter in CONVERTERS:
+        report = json.loads((run.outs[converter] / "report.json").read_text())
+        backbone = run.outs[converter] / report["backbones"][0]["file"]
+        features[converter] = reference.load(backbone).predict({"image": pixels})["features"]
+    direct, converted = features["auto"], features["coremltools"]
+    assert direct.shape == converted.shape
+    scale = float(np.max(np.abs(converted))) or 1.0
+    worst = float(np.max(np.abs(direct - converted))) / scale
+    assert worst <= 1e-5, f"max |dfeature| / max |feature| = {worst:.2e}"

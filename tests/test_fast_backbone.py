@@ -1,0 +1,313 @@
+"""Backbones built straight from the .h5 weights (convert/fast_backbone.py).
+
+Each construct below is a small Keras model, saved in both flavours, whose whole output is
+treated as the backbone's split tensor. The direct build must be valid under Core ML's rules
+(strict types) and, run by the numpy evaluator, give the loaded Keras model's output. Between
+them the constructs cover every layer kind fast_backbone writes: convolutions of each kind with
+and without a folded BatchNormalization, padding, cropping, pooling, squeeze-and-excitation,
+concatenation on each axis, rescaling and normalisation, merge layers and arithmetic written as
+keras.ops / TFOpLambda calls, and the flat tail (Flatten in NHWC order, Dense, BatchNorm).
+
+The end-to-end tests check that a zoo whose backbones and heads are all covered converts
+without importing TensorFlow, standalone models included, and that the choice of builder is
+part of the cache key and of the report.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from convert import fast_backbone
+from convert.cli import main
+from convert.families import PREPROCESSING
+from convert.h5reader import read_model
+from convert.validate import validate_spec
+
+reference = pytest.importorskip("convert.reference")
+
+SIZE = 12  # even: a stride-2 "same" convolution pads one pixel more at the bottom and right
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _keras(flavour: str) -> Any:
+    from convert.heavy import keras
+
+    return keras(3 if flavour == "k3" else 2)
+
+
+# -- the constructs: K (a Keras module) and the input tensor -> the output tensor ------------
+
+
+def _conv_bn(K, x):
+    x = K.layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(x)
+    x = K.layers.BatchNormalization(name="bn")(x)
+    return K.layers.ReLU(6.0, name="relu6")(x)
+
+
+def _conv_dilated(K, x):
+    x = K.layers.Conv2D(6, 3, dilation_rate=2, use_bias=False, activation="swish")(x)
+    x = K.layers.Conv2D(8, (3, 1), padding="same", groups=2, name="grouped")(x)
+    return K.layers.BatchNormalization(center=False, scale=False, name="bn")(x)
+
+
+def _depthwise(K, x):
+    x = K.layers.Conv2D(4, 1, name="expand")(x)
+    x = K.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, padding="same")(x)
+    x = K.layers.BatchNormalization(name="bn")(x)
+    return K.layers.Activation("relu")(x)
+
+
+def _separable(K, x):
+    x = K.layers.ZeroPadding2D(((1, 2), (0, 1)))(x)
+    x = K.layers.SeparableConv2D(6, 3, strides=2, depth_multiplier=2, name="sep")(x)
+    x = K.layers.BatchNormalization(epsilon=1e-5, name="bn")(x)
+    return K.layers.SeparableConv2D(5, 3, padding="same", activation="elu", name="sep2")(x)
+
+
+def _unfoldable_bn(K, x):
+    y = K.layers.Conv2D(6, 3, padding="same", name="conv")(x)
+    z = K.layers.BatchNormalization(name="bn_reads_conv")(y)
+    s = K.layers.Add()([y, z])  # the convolution's output has two readers: no folding
+    s = K.layers.BatchNormalization(name="bn_after_add")(s)
+    return K.layers.LeakyReLU(name="leaky")(s)
+
+
+def _pooling(K, x):
+    x = K.layers.Conv2D(6, 1, name="conv")(x)
+    a = K.layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    b = K.layers.AveragePooling2D(2, padding="same")(x)
+    b = K.layers.AveragePooling2D(2, strides=1)(b)
+    b = K.layers.ZeroPadding2D(((1, 0), (0, 1)))(b)
+    b = K.layers.Cropping2D(((0, 1), (1, 0)))(b)
+    a = K.layers.Cropping2D(((0, 1), (1, 0)))(a)
+    x = K.layers.Concatenate()([a, b])
+    return K.layers.GlobalMaxPooling2D(keepdims=True)(x)
+
+
+def _squeeze_excite(K, x):
+    x = K.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(x)
+    s = K.layers.GlobalAveragePooling2D()(x)
+    s = K.layers.Reshape((1, 1, 8))(s)
+    s = K.layers.Conv2D(2, 1, activation="relu", name="squeeze")(s)
+    s = K.layers.Conv2D(8, 1, activation="sigmoid", name="excite")(s)
+    return K.layers.Multiply()([x, s])
+
+
+def _concat_axes(K, x):
+    x = K.layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    rows = K.layers.Concatenate(axis=1)([x, x])  # along H
+    cols = K.layers.Concatenate(axis=2)([x, x])  # along W
+    rows = K.layers.Cropping2D(((0, SIZE), (0, 0)))(rows)
+    cols = K.layers.Cropping2D(((0, 0), (SIZE, 0)))(cols)
+    return K.layers.Concatenate(axis=-1)([rows, cols, x])
+
+
+def _rescale_normalise(K, x):
+    x = K.layers.Rescaling([0.5, 1.0, 2.0], offset=-0.25)(x)
+    norm = K.layers.Normalization(axis=-1)
+    x = norm(x)
+    norm.set_weights([np.array([0.1, -0.2, 0.3]), np.array([0.5, 2.0, 0.01]), np.array(9)])
+    norm.finalize_state()
+    x = K.layers.Normalization(axis=-1, mean=[0.2, 0.1, 0.0], variance=[4.0, 1.0, 0.25])(x)
+    x = K.layers.Rescaling(0.5)(x)
+    return K.layers.Conv2D(4, 3, name="conv")(x)
+
+
+def _arithmetic(K, x):
+    x = K.layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    y = K.layers.Conv2D(4, 1, name="conv2")(x)
+    x = x + 3.0
+    x = 3.0 - x
+    x = x * 0.5
+    x = x / 4.0
+    x = x + y
+    x = x - y * 2.0
+    x = K.layers.Subtract()([x, y])
+    x = K.layers.Maximum()([x, y])
+    x = K.layers.Minimum()([x, y * 3.0])
+    return K.layers.Average()([x, y, y])
+
+
+def _flat_tail(K, x):
+    x = K.layers.Conv2D(3, 3, strides=2, name="conv")(x)  # 6x6x3: Flatten order shows
+    x = K.layers.Flatten()(x)
+    x = K.layers.Dense(12, activation="tanh", name="dense")(x)
+    x = K.layers.BatchNormalization(name="bn_flat")(x)
+    x = K.layers.Reshape((2, 2, 3))(x)  # back to an image, NHWC order
+    x = K.layers.Conv2D(5, 1, name="conv2")(x)
+    return K.layers.Flatten()(x)
+
+
+CONSTRUCTS: dict[str, Callable[[Any, Any], Any]] = {
+    "conv_bn": _conv_bn,
+    "conv_dilated": _conv_dilated,
+    "depthwise": _depthwise,
+    "separable": _separable,
+    "unfoldable_bn": _unfoldable_bn,
+    "pooling": _pooling,
+    "squeeze_excite": _squeeze_excite,
+    "concat_axes": _concat_axes,
+    "rescale_normalise": _rescale_normalise,
+    "arithmetic": _arithmetic,
+    "flat_tail": _flat_tail,
+}
+
+
+def _randomise(model: Any, seed: int) -> None:
+    """Weights far from Keras' defaults, so that every one matters: BatchNorm statistics and
+    affine terms included."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.__class__.__name__ == "Normalization":
+            continue
+        values = []
+        for w in layer.get_weights():
+            if "variance" in str(w.dtype) or w.ndim == 1:
+                values.append(rng.uniform(0.5, 1.5, w.shape).astype(w.dtype))
+            else:
+                values.append(rng.normal(0.0, 0.5, w.shape).astype(w.dtype))
+        if values:
+            layer.set_weights(values)
+
+
+def _save(path: Path, flavour: str, construct: str) -> Path:
+    K = _keras(flavour)
+    K.utils.set_random_seed(0)
+    inp = K.Input((SIZE, SIZE, 3), name="image")
+    model = K.Model(inp, CONSTRUCTS[construct](K, inp), name=construct)
+    _randomise(model, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(path), include_optimizer=False)
+    K.backend.clear_session()
+    return path
+
+
+def _images(n: int = 4) -> np.ndarray:
+    return np.random.default_rng(7).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("flavour", ["k3", "k2"])
+@pytest.mark.parametrize("construct", sorted(CONSTRUCTS))
+def test_direct_build_matches_keras(tmp_path: Path, construct: str, flavour: str) -> None:
+    from convert.keras_exec import load_keras_model
+
+    graph = read_model(_save(tmp_path / f"{construct}.h5", flavour, construct))
+    output = graph.outputs[0]
+    assert fast_backbone.supported(graph, output) is None
+    pre = PREPROCESSING["unit"]
+    spec = fast_backbone.build_backbone(graph, output, pre, [SIZE, SIZE, 3])
+    assert validate_spec(spec, "backbone.mlmodel", strict_types=True) == []
+    pixels = _images()
+    got, _ = reference.evaluate_spec(spec, {"image": pixels}, model_dir=tmp_path)
+    model = load_keras_model(graph)
+    expected = np.asarray(model(pre.apply(pixels), training=False))
+    got = got["features"].reshape(expected.shape)
+    scale = float(np.max(np.abs(expected)))
+    assert scale > 1e-3, "a construct whose output is ~0 tests nothing"
+    worst = float(np.max(np.abs(got - expected))) / scale
+    assert worst <= 1e-5, f"max |d| / max |y| = {worst:.2e}"
+
+
+def test_bn_is_folded_only_where_it_may_be(tmp_path: Path) -> None:
+    """A BatchNorm that alone reads a convolution disappears into it; one that does not stays
+    as a layer (a scale layer)."""
+    folded = read_model(_save(tmp_path / "a.h5", "k3", "conv_bn"))
+    kept = read_model(_save(tmp_path / "b.h5", "k3", "unfoldable_bn"))
+    pre = PREPROCESSING["unit"]
+    kinds = {}
+    for name, graph in (("folded", folded), ("kept", kept)):
+        spec = fast_backbone.build_backbone(graph, graph.outputs[0], pre, [SIZE, SIZE, 3])
+        kinds[name] = [layer.WhichOneof("layer") for layer in spec.neuralNetwork.layers]
+    assert "scale" not in kinds["folded"] and "batchnorm" not in kinds["folded"]
+    assert kinds["kept"].count("scale") == 2
+
+
+def test_uncovered_layer_is_named(tmp_path: Path) -> None:
+    K = _keras("k3")
+    inp = K.Input((SIZE, SIZE, 3), name="image")
+    x = K.layers.Conv2D(4, 3, name="conv")(inp)
+    x = K.layers.UpSampling2D(name="upsample")(x)
+    K.Model(inp, x).save(str(tmp_path / "up.h5"))
+    K.backend.clear_session()
+    graph = read_model(tmp_path / "up.h5")
+    reason = fast_backbone.supported(graph, graph.outputs[0])
+    assert reason is not None and "'upsample' (UpSampling2D)" in reason
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+def _convert_in_subprocess(zoo: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """Run the CLI in a fresh interpreter; returns its exit code and whether TensorFlow or
+    Keras got imported."""
+    argv = ["convert", str(zoo), "--out", str(out), "--quiet", *extra]
+    code = (
+        "import json, sys\n"
+        "from convert.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "print(json.dumps({'rc': rc, 'tensorflow': 'tensorflow' in sys.modules,"
+        " 'keras': 'keras' in sys.modules or 'tf_keras' in sys.modules}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_covered_zoo_converts_without_tensorflow(zoo: Path, tmp_path: Path) -> None:
+    """The session zoo (MobileNetV2 backbones, Dense heads): every backbone built from the
+    weights, no TensorFlow imported, and the pipelines still verify against Keras."""
+    out = tmp_path / "out"
+    ran = _convert_in_subprocess(zoo, out)
+    assert ran == {"rc": 0, "tensorflow": False, "keras": False}
+    report = json.loads((out / "report.json").read_text())
+    assert report["backbones"] and {b["builder"] for b in report["backbones"]} == {"direct"}
+    assert main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_standalone_model_built_directly(tmp_path: Path) -> None:
+    """A zoo of one model shares nothing: the whole classifier is built from the weights,
+    without TensorFlow, and matches Keras."""
+    import factory
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    factory.save_transfer_classifier(zoo / "only.h5", n_classes=3, head_seed=4)
+    out = tmp_path / "out"
+    ran = _convert_in_subprocess(zoo, out)
+    assert ran == {"rc": 0, "tensorflow": False, "keras": False}
+    report = json.loads((out / "report.json").read_text())
+    assert [c["group"] for c in report["classifiers"]] == [None]
+    spec = reference.load(out / "only.mlmodel").spec
+    assert spec.WhichOneof("Type") == "neuralNetworkClassifier"
+    assert main(["verify", str(out), "--quiet"]) == 0
+
+
+def test_builder_is_part_of_the_recipe(zoo: Path, tmp_path: Path) -> None:
+    """Switching --backbone-converter rewrites the backbones (and says so in the report);
+    switching back rewrites them again, byte-identical to the first build."""
+    out = tmp_path / "out"
+    backbone_bytes = {}
+    for converter in ("auto", "coremltools", "auto"):
+        assert (
+            main(["convert", str(zoo), "--out", str(out), "-q", "--backbone-converter", converter])
+            == 0
+        )
+        report = json.loads((out / "report.json").read_text())
+        builders = {b["builder"] for b in report["backbones"]}
+        assert builders == {"direct" if converter == "auto" else "coremltools"}
+        files = sorted(b["file"] for b in report["backbones"])
+        backbone_bytes.setdefault(converter, []).append([(out / f).read_bytes() for f in files])
+    assert backbone_bytes["auto"][0] == backbone_bytes["auto"][1]
+    assert backbone_bytes["auto"][0] != backbone_bytes["coremltools"][0]
