@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from convert import emit
 from convert.cache import Cache, SourceCache, file_sha256, recipe, tool_versions
 from convert.errors import SplitError
 from convert.families import PREPROCESSING
-from convert.graph import Graph
+from convert.graph import Graph, PackedGraphs
 from convert.labels import complete_labels
 from convert.manifest import Manifest, ModelSettings
 from convert.plan import ErrorEntry, GroupPlan, ModelPlan, Plan
@@ -44,7 +44,7 @@ class Job:
 
     group: GroupPlan | None
     models: list[ModelPlan]  # the group's members (in order), or the standalone model
-    graphs: dict[str, Graph]
+    graphs: Mapping[str, Graph]  # each access may read a fresh copy (PackedGraphs)
     settings: dict[str, ModelSettings]
     out: Path
     recipes: dict[str, str]  # output file -> recipe
@@ -72,7 +72,7 @@ class JobResult:
 
 def build(
     plan: Plan,
-    graphs: dict[str, Graph],
+    graphs: Mapping[str, Graph],
     out: Path,
     progress: Progress | None = None,
     manifest: Manifest | None = None,
@@ -140,7 +140,7 @@ def _remove_leftovers(plan: Plan, work: list[Job], cache: Cache, say: Progress) 
 
 def _jobs(
     plan: Plan,
-    graphs: dict[str, Graph],
+    graphs: Mapping[str, Graph],
     out: Path,
     manifest: Manifest,
     cache: Cache,
@@ -176,7 +176,7 @@ def _jobs(
             Job(
                 group=group,
                 models=members,
-                graphs={m.name: graphs[m.name] for m in members},
+                graphs=_subset(graphs, [m.name for m in members]),
                 settings=settings,
                 out=out,
                 recipes=recipes,
@@ -200,7 +200,7 @@ def _jobs(
                 Job(
                     group=None,
                     models=[m],
-                    graphs={m.name: graphs[m.name]},
+                    graphs=_subset(graphs, [m.name]),
                     settings={m.name: settings},
                     out=out,
                     recipes={file: wanted},
@@ -212,6 +212,12 @@ def _jobs(
                 )
             )
     return jobs
+
+
+def _subset(graphs: Mapping[str, Graph], names: list[str]) -> Mapping[str, Graph]:
+    if isinstance(graphs, PackedGraphs):
+        return graphs.subset(names)
+    return {name: graphs[name] for name in names}
 
 
 def _backbone_builder(first: ModelPlan, graph: Graph, converter: str) -> str:
@@ -450,7 +456,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     if job.write_backbone:
         size = emit.write_spec(job.out / backbone_file, backbone, job.models[0].source)
         result.written[backbone_file] = {"file": backbone_file, "bytes": size}
-    backbone_sha = _sha_of(job.out / backbone_file)
+    shared = _Shared(backbone, backbone_file, _sha_of(job.out / backbone_file))
     for model in job.models:
         if model.name not in job.stale:
             continue
@@ -459,9 +465,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         try:
             head = _head(objects, model)
             file = f"{model.name}.mlmodel"
-            row = _emit_pipeline(
-                model, group, backbone, head, backbone_file, backbone_sha, job, file
-            )
+            row = _emit_pipeline(model, group, shared, head, job, file)
             result.written[file] = row
             say(f"{model.name}: head and pipeline in {_duration(time.perf_counter() - started)}")
         except SplitError as exc:
@@ -573,16 +577,25 @@ def _describe_backbone(backbone, group: GroupPlan, settings: ModelSettings) -> N
     )
 
 
+class _Shared:
+    """A group's backbone spec, its file and that file's SHA-256; its layers' size in bytes is
+    measured once, on first use."""
+
+    def __init__(self, spec: Any, file: str, sha256: str) -> None:
+        self.spec, self.file, self.sha256 = spec, file, sha256
+        self._layer_bytes: int | None = None
+
+    @property
+    def layer_bytes(self) -> int:
+        if self._layer_bytes is None:
+            self._layer_bytes = emit.layers_size(self.spec)
+        return self._layer_bytes
+
+
 def _emit_pipeline(
-    model: ModelPlan,
-    group: GroupPlan,
-    backbone,
-    head,
-    backbone_file: str,
-    backbone_sha: str,
-    job: Job,
-    file: str,
+    model: ModelPlan, group: GroupPlan, shared: _Shared, head, job: Job, file: str
 ) -> dict[str, Any]:
+    backbone, backbone_file, backbone_sha = shared.spec, shared.file, shared.sha256
     settings = job.settings[model.name]
     pre = PREPROCESSING[model.preprocessing]
     user = _source_metadata(model, settings, job.sha256[model.name]) | {"role": "head"}
@@ -609,12 +622,11 @@ def _emit_pipeline(
         license=settings.license,
         version=settings.version,
     )
-    merged = emit.merge_standalone(backbone, head)
+    merged = emit.merge_standalone(backbone, head, backbone_layers=False)
     emit.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
+    one_by_one = emit.standalone_size(merged, shared.layer_bytes)
     size = emit.write_spec(job.out / file, pipeline, Path(model.source))
-    return asdict(
-        _classifier_report(model, group.id, file, size, head.ByteSize(), merged.ByteSize())
-    )
+    return asdict(_classifier_report(model, group.id, file, size, head.ByteSize(), one_by_one))
 
 
 def _source_metadata(model: ModelPlan, settings: ModelSettings, sha256: str) -> dict[str, str]:

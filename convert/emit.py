@@ -342,9 +342,13 @@ def make_pipeline(stub: Any, head: Any) -> Any:
     return spec
 
 
-def merge_standalone(backbone: Any, head: Any) -> Any:
+def merge_standalone(backbone: Any, head: Any, *, backbone_layers: bool = True) -> Any:
     """Backbone and head fused into one NeuralNetworkClassifier, as a one-by-one conversion
-    would ship it. Used to measure that size without converting from TensorFlow again."""
+    would ship it. Used to measure that size without converting from TensorFlow again.
+
+    With ``backbone_layers=False`` the backbone's layers are left out (everything else, the
+    renaming of clashing head layers included, is as with them): :func:`standalone_size` then
+    gives the full spec's size without copying megabytes of weights for every classifier."""
     Model_pb2, _ = _proto()
     spec = Model_pb2.Model()
     spec.specificationVersion = max(backbone.specificationVersion, head.specificationVersion)
@@ -362,7 +366,8 @@ def merge_standalone(backbone: Any, head: Any) -> Any:
         if layer.name in taken:
             layer.name = f"head/{layer.name}"
     nn = spec.neuralNetworkClassifier
-    nn.layers.extend(bb_nn.layers)
+    if backbone_layers:
+        nn.layers.extend(bb_nn.layers)
     nn.layers.extend(head.neuralNetworkClassifier.layers)
     nn.preprocessing.extend(bb_nn.preprocessing)
     nn.arrayInputShapeMapping = bb_nn.arrayInputShapeMapping
@@ -370,6 +375,34 @@ def merge_standalone(backbone: Any, head: Any) -> Any:
     nn.stringClassLabels.CopyFrom(head.neuralNetworkClassifier.stringClassLabels)
     nn.labelProbabilityLayerName = head.neuralNetworkClassifier.labelProbabilityLayerName
     return spec
+
+
+def layers_size(spec: Any) -> int:
+    """Bytes a NeuralNetwork's layers take inside it, each with its field tag and length."""
+    sizes = [layer.ByteSize() for layer in _network(spec).layers]
+    return sum(_LAYERS_TAG + _varint_size(n) + n for n in sizes)
+
+
+def standalone_size(merged: Any, backbone_layer_bytes: int) -> int:
+    """The serialised size of ``merged`` (from ``merge_standalone(..., backbone_layers=False)``)
+    had the backbone's layers, of :func:`layers_size` ``backbone_layer_bytes``, been put in.
+
+    Protobuf sizes add up: the layers are a repeated field of the NeuralNetworkClassifier, which
+    is one length-delimited field of the Model; only that field's length prefix changes."""
+    inner = merged.neuralNetworkClassifier.ByteSize()
+    total = inner + backbone_layer_bytes
+    return merged.ByteSize() - _varint_size(inner) - inner + _varint_size(total) + total
+
+
+_LAYERS_TAG = 1  # NeuralNetwork*.layers is field 1: one byte of tag
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
 
 
 def _copy(spec: Any) -> Any:

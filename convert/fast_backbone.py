@@ -276,7 +276,7 @@ def _separable_conv2d(e: _Emitter, layer: Layer, blob: _Blob) -> _Conv:
     _need_nchw(layer, blob)
     w = _weights(layer, {"depthwise_kernel": True, "pointwise_kernel": True, "bias": False})
     depthwise = _depthwise(e, layer, blob, "depthwise_kernel", None)
-    blob = depthwise.emit(e, f"{layer.qualified_name}/depthwise", blob)
+    blob = depthwise.emit(e, f"{layer.name}/depthwise", blob)
     _, _, cin, cout = w["pointwise_kernel"].shape
     if cin != blob.shape[1]:
         raise _fail(layer, f"pointwise kernel for {cin} channels, depthwise gives {blob.shape[1]}")
@@ -342,12 +342,12 @@ def _convolution(
         ):
             conv.fold(*_batchnorm_affine(e, bn.layer, conv.weights.shape[0]))
             e.folded.add(bn.index)
-            blob = conv.emit(e, layer.qualified_name, blob)
+            blob = conv.emit(e, layer.name, blob)
             e.blobs[bn.outputs[0]] = blob
             return blob
-    blob = conv.emit(e, layer.qualified_name, blob)
+    blob = conv.emit(e, layer.name, blob)
     _no_channel_softmax(layer, blob, layer.config.get("activation"))
-    _activation(e, layer, layer.config.get("activation"), layer.qualified_name)
+    _activation(e, layer, layer.config.get("activation"), layer.name)
     return e.current()
 
 
@@ -375,7 +375,7 @@ def _batchnorm(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
             shape_bias=[c, 1, 1],
         )
 
-    e.add(layer.qualified_name, blob.shape, write)
+    e.add(layer.name, blob.shape, write)
     return e.current()
 
 
@@ -412,7 +412,7 @@ def _zero_padding(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
     n, c, h, w = blob.shape
     shape = [n, c, h + top + bottom, w + left + right]
     e.add(
-        layer.qualified_name,
+        layer.name,
         shape,
         lambda name, x: e.builder.add_padding(name, left, right, top, bottom, 0.0, x, name),
     )
@@ -436,7 +436,7 @@ def _cropping(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
         raise _fail(layer, f"cropping {value} leaves nothing of {h}x{w}")
     begin, end = [0, 0, top, left], [n, c, h - bottom, w - right]
     e.add(
-        layer.qualified_name,
+        layer.name,
         [n, c, h - top - bottom, w - left - right],
         lambda name, x: e.builder.add_slice_static(
             name, x, name, begin, end, [1, 1, 1, 1], [False] * 4, [False] * 4
@@ -470,7 +470,7 @@ def _pooling(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
             exclude_pad_area=True,  # TensorFlow averages over real pixels only
         )
 
-    e.add(layer.qualified_name, shape, write)
+    e.add(layer.name, shape, write)
     return e.current()
 
 
@@ -486,7 +486,7 @@ def _global_pooling(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
         add = e.builder.add_reduce_mean if mean else e.builder.add_reduce_max
         add(name, x, name, axes=[2, 3], keepdims=keep, reduce_all=False)
 
-    e.add(layer.qualified_name, shape, write)
+    e.add(layer.name, shape, write)
     return e.current()
 
 
@@ -505,7 +505,7 @@ def _to_keras_order(e: _Emitter, base: str, blob: _Blob) -> _Blob:
 def _reshape_blob(e: _Emitter, layer: Layer, blob: _Blob, target: list[int]) -> _Blob:
     """Reshape to the Keras shape ``target`` (batch 1 first): Keras reshapes in NHWC order, so an
     NCHW blob goes through NHWC unless its H and W are 1, where both orders agree."""
-    base = layer.qualified_name
+    base = layer.name
     flat_ok = lambda shape: len(shape) == 2 or (len(shape) == 4 and shape[1] == shape[2] == 1)  # noqa: E731
     if len(target) not in (2, 4):
         raise _fail(layer, f"output rank {len(target)}")
@@ -589,7 +589,7 @@ def _channel_affine(
                 name, _as32(scale), _as32(shift), True, x, name, shape_scale=where, shape_bias=where
             )
 
-    e.add(layer.qualified_name, blob.shape, write)
+    e.add(layer.name, blob.shape, write)
     return e.current()
 
 
@@ -660,7 +660,7 @@ def _merge(e: _Emitter, node: Node, inputs: list[_Blob]) -> _Blob:
     same = all(b.shape == shape for b in inputs)
     if len(inputs) < 2 or (layer.class_name == "Subtract" and len(inputs) != 2):
         raise _fail(layer, f"{len(inputs)} inputs")
-    base = layer.qualified_name
+    base = layer.name
     if same and mode is not None:
         return e.merge(
             base, inputs, shape, lambda name, xs: e.builder.add_elementwise(name, xs, name, mode)
@@ -696,7 +696,7 @@ def _concatenate(e: _Emitter, node: Node, inputs: list[_Blob]) -> _Blob:
             raise _fail(layer, f"shapes {[b.keras_shape() for b in inputs]} do not concatenate")
     shape = list(shapes[0])
     shape[core_axis] = sum(s[core_axis] for s in shapes)
-    base = layer.qualified_name
+    base = layer.name
     if rank == 4 and core_axis == 1:
         return e.merge(
             base,
@@ -770,7 +770,7 @@ def _arithmetic(e: _Emitter, node: Node, kind: str) -> _Blob:
 
     layer = node.layer
     x, y = _operands(node)
-    base = layer.qualified_name
+    base = layer.name
     if is_tensor_ref(x) and is_tensor_ref(y):
         inputs = [e.blobs[x[TENSOR_KEY]], e.blobs[y[TENSOR_KEY]]]
         shape = _broadcast(layer, [b.shape for b in inputs])

@@ -244,7 +244,7 @@ def _dense(e: _Emitter, layer: Layer) -> None:
     if bias and tuple(weights["bias"].shape) != (n_out,):
         raise _fail(layer, f"bias {list(weights['bias'].shape)} does not fit {n_out} units")
     _activation_name(layer, layer.config.get("activation"))  # a custom one fails early
-    base = layer.qualified_name
+    base = layer.name
     shape = [*e.shape[:-1], n_out]
     if e.rank == 2:
 
@@ -276,7 +276,7 @@ def _dense(e: _Emitter, layer: Layer) -> None:
 
 
 def _activation_layer(e: _Emitter, layer: Layer) -> None:
-    _activation(e, layer, layer.config.get("activation"), layer.qualified_name)
+    _activation(e, layer, layer.config.get("activation"), layer.name)
 
 
 def _relu_layer(e: _Emitter, layer: Layer) -> None:
@@ -285,7 +285,7 @@ def _relu_layer(e: _Emitter, layer: Layer) -> None:
     top = cfg.get("max_value")
     if float(cfg.get("threshold") or 0.0) != 0.0:
         raise _fail(layer, "a threshold is not covered")
-    base = layer.qualified_name
+    base = layer.name
     if slope == 0.0:
         if top is None:
             _act("RELU")(e, base)
@@ -300,11 +300,11 @@ def _relu_layer(e: _Emitter, layer: Layer) -> None:
 def _leaky_relu_layer(e: _Emitter, layer: Layer) -> None:
     cfg = layer.config
     slope = cfg.get("negative_slope", cfg.get("alpha", 0.3))
-    _act("LEAKYRELU", [float(slope)])(e, layer.qualified_name)
+    _act("LEAKYRELU", [float(slope)])(e, layer.name)
 
 
 def _elu_layer(e: _Emitter, layer: Layer) -> None:
-    _act("ELU", float(layer.config.get("alpha", 1.0)))(e, layer.qualified_name)
+    _act("ELU", float(layer.config.get("alpha", 1.0)))(e, layer.name)
 
 
 def _softmax_layer(e: _Emitter, layer: Layer) -> None:
@@ -313,7 +313,7 @@ def _softmax_layer(e: _Emitter, layer: Layer) -> None:
         axis = axis[0]
     if not isinstance(axis, int) or not -e.rank <= axis < e.rank:
         raise _fail(layer, f"softmax axis {axis} for rank {e.rank}")
-    _softmax(axis - e.rank if axis >= 0 else axis)(e, layer.qualified_name)
+    _softmax(axis - e.rank if axis >= 0 else axis)(e, layer.name)
 
 
 def _channels_last(layer: Layer) -> None:
@@ -337,7 +337,7 @@ def _global_pooling(e: _Emitter, layer: Layer) -> None:
         add = e.builder.add_reduce_mean if mean else e.builder.add_reduce_max
         add(name, x, name, axes=axes, keepdims=keep, reduce_all=False)
 
-    e.add(f"{layer.qualified_name}/{kind}", shape, write)
+    e.add(f"{layer.name}/{kind}", shape, write)
 
 
 def _reshape_to(e: _Emitter, layer: Layer, shape: list[int]) -> None:
@@ -346,7 +346,7 @@ def _reshape_to(e: _Emitter, layer: Layer, shape: list[int]) -> None:
     if len(shape) > 5:
         raise _fail(layer, f"output rank {len(shape)}")
     e.add(
-        f"{layer.qualified_name}/reshape",
+        f"{layer.name}/reshape",
         shape,
         lambda name, x: e.builder.add_reshape_static(name, x, name, shape),
     )
@@ -398,7 +398,7 @@ def _batchnorm(e: _Emitter, layer: Layer) -> None:
         eps = float(np.finfo(np.float32).tiny)
     if e.rank not in (2, 3, 4):
         raise _fail(layer, f"input rank {e.rank}")
-    base = layer.qualified_name
+    base = layer.name
     shape = list(e.shape)
     # Core ML normalises axis -3 of a rank >= 3 blob: move the channels there and back.
     nhwc = e.rank == 4

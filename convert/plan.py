@@ -24,7 +24,7 @@ from convert.families import (
     scales_input_inside,
 )
 from convert.fingerprint import tensor_fingerprints
-from convert.graph import Graph
+from convert.graph import Graph, PackedGraphs
 from convert.h5reader import read_model
 from convert.labels import complete_labels, resolve_labels
 from convert.manifest import Manifest
@@ -514,7 +514,7 @@ def make_plan(
     min_shared: float = DEFAULT_MIN_SHARED,
     manifest: Manifest | None = None,
     sources: SourceCache | None = None,
-) -> tuple[Plan, dict[str, Graph]]:
+) -> tuple[Plan, PackedGraphs]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
 
     Preprocessing: the command line's choice for a model, else its default, else the
@@ -525,6 +525,7 @@ def make_plan(
     names = model_names(paths)
     plan = Plan()
     analyses: list[_Analysis] = []
+    graphs = PackedGraphs()
     for path in paths:
         name = names[path]
         settings = manifest.for_model(name)
@@ -552,6 +553,7 @@ def make_plan(
             )
             if fresh and sources is not None:
                 sources.remember(path, analyses[-1].graph)
+            graphs.add(name, analyses[-1].graph)
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
     for unknown in manifest.unused_models(names.values()):
@@ -568,7 +570,7 @@ def make_plan(
             for w in layer.weights:
                 unique[w.digest] = w.size
     plan.unique_parameters = sum(unique.values())
-    return plan, {a.plan.name: a.graph for a in analyses}
+    return plan, graphs
 
 
 def _check_input_names(plan: Plan, manifest: Manifest) -> None:

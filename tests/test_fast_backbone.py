@@ -311,3 +311,36 @@ def test_builder_is_part_of_the_recipe(zoo: Path, tmp_path: Path) -> None:
         backbone_bytes.setdefault(converter, []).append([(out / f).read_bytes() for f in files])
     assert backbone_bytes["auto"][0] == backbone_bytes["auto"][1]
     assert backbone_bytes["auto"][0] != backbone_bytes["coremltools"][0]
+
+
+def test_one_by_one_size_is_exact_without_copying_the_backbone(
+    built: tuple[Path, int],
+) -> None:
+    """The report's one-by-one size is worked out from the backbone's layer sizes instead of a
+    merged copy per classifier; it must equal the merged spec's serialised size."""
+    from convert import emit
+
+    out, code = built
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    for row in report["backbones"]:
+        backbone = reference.load(out / row["file"]).spec
+        layer_bytes = emit.layers_size(backbone)
+        for name in row["members"]:
+            head = reference.load(out / f"{name}.mlmodel").spec.pipelineClassifier.pipeline
+            head = head.models[1]
+            whole = emit.merge_standalone(backbone, head)
+            without = emit.merge_standalone(backbone, head, backbone_layers=False)
+            assert emit.standalone_size(without, layer_bytes) == whole.ByteSize()
+            assert len(emit.serialise(whole)) == whole.ByteSize()
+
+
+def test_packed_graphs_round_trip(zoo: Path) -> None:
+    from convert.plan import make_plan
+
+    plan, graphs = make_plan(zoo)
+    for model in plan.models:
+        a, b = graphs[model.name], graphs[model.name]
+        assert a is not b  # a fresh copy each time
+        assert [n.layer.config for n in a.nodes] == [n.layer.config for n in b.nodes]
+        assert a.tensors[a.outputs[0]].shape == b.tensors[b.outputs[0]].shape
