@@ -172,7 +172,7 @@ def convert_backbone(graph: Any, objects: Any, model: ModelPlan, group: GroupPla
     spec = _ct_convert(graph.source, "backbone", cf, [image_type(pre, model.input_shape)])
     _rename_output(spec, FEATURES)
     shape = feature_shape(graph, model.split_tensor)
-    _set_array_shape(spec.description.output[0], shape)
+    set_array_shape(spec.description.output[0], shape)
     spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
     return spec
 
@@ -201,7 +201,7 @@ def convert_head(graph: Any, objects: Any, model: ModelPlan) -> Any:
         classifier_config=ct.ClassifierConfig(list(model.labels)),
     )
     _name_classifier_outputs(spec)
-    _set_array_shape(spec.description.input[0], shape)
+    set_array_shape(spec.description.input[0], shape)
     spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
     return spec
 
@@ -297,7 +297,8 @@ def _features(spec: Any) -> list[Any]:
     return [*spec.description.input, *spec.description.output]
 
 
-def _set_array_shape(feature: Any, shape: list[int]) -> None:
+def set_array_shape(feature: Any, shape: list[int]) -> None:
+    """Make a feature a FLOAT32 multi-array of exactly ``shape`` (no flexible shapes)."""
     Model_pb2, FeatureTypes_pb2 = _proto()
     array = feature.type.multiArrayType
     del array.shape[:]

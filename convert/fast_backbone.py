@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from convert import fast_head
-from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE, SPEC_VERSION
+from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE, SPEC_VERSION, set_array_shape
 from convert.errors import ConversionError
 from convert.families import Preprocessing
 from convert.fast_head import _activation, _fail, _label, _Unsupported
@@ -397,18 +397,24 @@ def _elementwise_layer(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
     return e.current()
 
 
-def _zero_padding(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
+def _edges(layer: Layer, key: str, default: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of ZeroPadding2D's ``padding`` / Cropping2D's ``cropping``:
+    one int, one per axis, or a pair per axis."""
     _channels_last(layer)
-    _need_nchw(layer, blob)
-    value = layer.config.get("padding", 1)
+    value = layer.config.get(key, default)
     if isinstance(value, int):
-        (top, bottom), (left, right) = (value, value), (value, value)
-    elif len(value) == 2 and all(isinstance(v, int) for v in value):
-        (top, bottom), (left, right) = (value[0], value[0]), (value[1], value[1])
-    elif len(value) == 2 and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+        return value, value, value, value
+    if len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value[0], value[0], value[1], value[1]
+    if len(value) == 2 and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
         (top, bottom), (left, right) = value
-    else:
-        raise _fail(layer, f"padding {value}")
+        return top, bottom, left, right
+    raise _fail(layer, f"{key} {value}")
+
+
+def _zero_padding(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
+    _need_nchw(layer, blob)
+    top, bottom, left, right = _edges(layer, "padding", 1)
     n, c, h, w = blob.shape
     shape = [n, c, h + top + bottom, w + left + right]
     e.add(
@@ -420,20 +426,11 @@ def _zero_padding(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
 
 
 def _cropping(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
-    _channels_last(layer)
     _need_nchw(layer, blob)
-    value = layer.config.get("cropping", 0)
-    if isinstance(value, int):
-        (top, bottom), (left, right) = (value, value), (value, value)
-    elif len(value) == 2 and all(isinstance(v, int) for v in value):
-        (top, bottom), (left, right) = (value[0], value[0]), (value[1], value[1])
-    elif len(value) == 2 and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
-        (top, bottom), (left, right) = value
-    else:
-        raise _fail(layer, f"cropping {value}")
+    top, bottom, left, right = _edges(layer, "cropping", 0)
     n, c, h, w = blob.shape
     if top + bottom >= h or left + right >= w:
-        raise _fail(layer, f"cropping {value} leaves nothing of {h}x{w}")
+        raise _fail(layer, f"cropping {layer.config.get('cropping')} leaves nothing of {h}x{w}")
     begin, end = [0, 0, top, left], [n, c, h - bottom, w - right]
     e.add(
         layer.name,
@@ -544,19 +541,7 @@ def _flatten(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
 
 
 def _reshape(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
-    target = layer.config.get("target_shape")
-    if not isinstance(target, list) or not all(isinstance(d, int) for d in target):
-        raise _fail(layer, f"target shape {target}")
-    size = math.prod(blob.shape[1:])
-    if target.count(-1) > 1 or any(d == 0 or d < -1 for d in target):
-        raise _fail(layer, f"target shape {target}")
-    known = math.prod(d for d in target if d != -1)
-    if -1 in target:
-        if size % known:
-            raise _fail(layer, f"cannot reshape {blob.keras_shape()[1:]} to {target}")
-        target = [size // known if d == -1 else d for d in target]
-    if math.prod(target) != size:
-        raise _fail(layer, f"cannot reshape {blob.keras_shape()[1:]} to {target}")
+    target = fast_head.reshape_target(layer, blob.keras_shape()[1:])
     return _reshape_blob(e, layer, blob, [1, *target])
 
 
@@ -1036,10 +1021,10 @@ def _network(
     if feature_shape is None:
         _image_input(spec, pre, h, w, c)
     else:
-        _array_feature(spec.description.input[0], input_shape)
+        set_array_shape(spec.description.input[0], input_shape)
     if labels is None:
         rename_blob(spec, out.name, FEATURES)
-        _array_feature(spec.description.output[0], out.shape)
+        set_array_shape(spec.description.output[0], out.shape)
     else:
         rename_blob(spec, out.name, CLASS_PROBS)
         builder.set_class_labels(
@@ -1091,13 +1076,3 @@ def _image_input(spec: Any, pre: Preprocessing, h: int, w: int, c: int) -> None:
         scaler.scaler.grayBias = pre.bias[0]
     else:
         scaler.scaler.redBias, scaler.scaler.greenBias, scaler.scaler.blueBias = pre.bias
-
-
-def _array_feature(feature: Any, shape: list[int]) -> None:
-    from coremltools.proto import FeatureTypes_pb2
-
-    array = feature.type.multiArrayType
-    del array.shape[:]
-    array.shape.extend(shape)
-    array.dataType = FeatureTypes_pb2.ArrayFeatureType.FLOAT32
-    array.ClearField("ShapeFlexibility")

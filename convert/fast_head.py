@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, SPEC_VERSION
+from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, SPEC_VERSION, set_array_shape
 from convert.errors import ConversionError
 from convert.fingerprint import IDENTITY_AT_INFERENCE
 from convert.graph import Graph, Layer, Node
@@ -358,21 +358,27 @@ def _flatten(e: _Emitter, layer: Layer) -> None:
     _reshape_to(e, layer, [1, math.prod(e.shape[1:])])
 
 
-def _reshape(e: _Emitter, layer: Layer) -> None:
+def reshape_target(layer: Layer, shape: list[int]) -> list[int]:
+    """A Reshape layer's target shape (without the batch) for an input of ``shape`` (without
+    the batch, Keras order), its -1 resolved; raises _Unsupported if it does not fit."""
     target = layer.config.get("target_shape")
     if not isinstance(target, list) or not all(isinstance(d, int) for d in target):
         raise _fail(layer, f"target shape {target}")
-    size = math.prod(e.shape[1:])
+    size = math.prod(shape)
     if target.count(-1) > 1 or any(d == 0 or d < -1 for d in target):
         raise _fail(layer, f"target shape {target}")
     known = math.prod(d for d in target if d != -1)
     if -1 in target:
         if size % known:
-            raise _fail(layer, f"cannot reshape {e.shape[1:]} to {target}")
+            raise _fail(layer, f"cannot reshape {shape} to {target}")
         target = [size // known if d == -1 else d for d in target]
     if math.prod(target) != size:
-        raise _fail(layer, f"cannot reshape {e.shape[1:]} to {target}")
-    _reshape_to(e, layer, [1, *target])
+        raise _fail(layer, f"cannot reshape {shape} to {target}")
+    return target
+
+
+def _reshape(e: _Emitter, layer: Layer) -> None:
+    _reshape_to(e, layer, [1, *reshape_target(layer, e.shape[1:])])
 
 
 def _batchnorm(e: _Emitter, layer: Layer) -> None:
@@ -571,16 +577,6 @@ def build_head(graph: Graph, split_tensor: int, labels: list[str], feature_shape
         prediction_blob=CLASS_PROBS,
     )
     spec = builder.spec
-    _set_features_type(spec.description.input[0], shape)
+    set_array_shape(spec.description.input[0], shape)
     spec.specificationVersion = max(spec.specificationVersion, SPEC_VERSION)
     return spec
-
-
-def _set_features_type(feature: Any, shape: list[int]) -> None:
-    from coremltools.proto import FeatureTypes_pb2
-
-    array = feature.type.multiArrayType
-    del array.shape[:]
-    array.shape.extend(shape)
-    array.dataType = FeatureTypes_pb2.ArrayFeatureType.FLOAT32
-    array.ClearField("ShapeFlexibility")
