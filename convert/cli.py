@@ -92,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backbone-converter",
         choices=BACKBONE_CONVERTERS,
         default="auto",
-        help="auto (default): build each shared backbone straight from the .h5 weights when "
-        "all its layers are covered, else with ct.convert; coremltools: always ct.convert",
+        help="auto (default): build each backbone and standalone model straight from the .h5 "
+        "weights when all its layers are covered, else convert it with ct.convert; "
+        "coremltools: always ct.convert",
     )
     verify = sub.add_parser(
         "verify",
