@@ -241,15 +241,23 @@ def _standalone_builder(model: ModelPlan, graph: Graph, converter: str) -> str:
 
 
 def _head_needs_tensorflow(model: ModelPlan, graph: Graph) -> bool:
-    from convert import fast_backbone, fast_head
-
     if not model.output_size_known or model.split_tensor is None:
         return True  # the labels wait for the loaded model's output size
+    return _head_builder(graph, model) is None
+
+
+def _head_builder(graph: Graph, model: ModelPlan) -> Any:
+    """The module that builds this head from the weights (fast_head for a chain of Dense-like
+    layers, fast_backbone for anything else it covers), or None: ct.convert it."""
+    from convert import fast_backbone, fast_head
+
     split, output = model.split_tensor, graph.outputs[0]
-    return (
-        fast_head.supported(graph, split, output) is not None
-        and fast_backbone.head_supported(graph, split, output) is not None
-    )
+    assert split is not None
+    if fast_head.supported(graph, split, output) is None:
+        return fast_head
+    if fast_backbone.head_supported(graph, split, output) is None:
+        return fast_backbone
+    return None
 
 
 def _output(model: ModelPlan, recipes: dict[str, str]) -> tuple[str, str]:
@@ -546,18 +554,14 @@ def _sha_of(path: Path) -> str:
 
 
 def _head(objects: _Objects, model: ModelPlan):
-    """The head spec: built straight from the weights when its layers allow (a chain of
-    Dense-like layers in fast_head, anything fast_backbone covers there), else converted."""
-    from convert import fast_backbone, fast_head
-
+    """The head spec: built straight from the weights when its layers allow, else converted."""
     graph = objects.graph
     assert model.split_tensor is not None
+    builder = _head_builder(graph, model)
+    if builder is None:
+        return emit.convert_head(graph, objects.get(), model)
     shape = emit.feature_shape(graph, model.split_tensor)
-    if fast_head.supported(graph, model.split_tensor, graph.outputs[0]) is None:
-        return fast_head.build_head(graph, model.split_tensor, list(model.labels), shape)
-    if fast_backbone.head_supported(graph, model.split_tensor, graph.outputs[0]) is None:
-        return fast_backbone.build_head(graph, model.split_tensor, list(model.labels), shape)
-    return emit.convert_head(graph, objects.get(), model)
+    return builder.build_head(graph, model.split_tensor, list(model.labels), shape)
 
 
 def _describe_backbone(backbone, group: GroupPlan, settings: ModelSettings) -> None:

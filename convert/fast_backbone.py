@@ -31,7 +31,14 @@ from convert import fast_head
 from convert.emit import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE, SPEC_VERSION, set_array_shape
 from convert.errors import ConversionError
 from convert.families import Preprocessing
-from convert.fast_head import _activation, _fail, _label, _Unsupported
+from convert.fast_head import (
+    _activation,
+    _channels_last,
+    _fail,
+    _label,
+    _Unsupported,
+    _weights,
+)
 from convert.graph import Graph, Layer, Node
 from convert.heavy import coremltools
 
@@ -117,12 +124,6 @@ def _pair(layer: Layer, key: str, default: int) -> tuple[int, int]:
     raise _fail(layer, f"{key} {value}")
 
 
-def _channels_last(layer: Layer) -> None:
-    fmt = layer.config.get("data_format") or "channels_last"
-    if fmt != "channels_last":
-        raise _fail(layer, f"data_format {fmt}")
-
-
 def _need_nchw(layer: Layer, blob: _Blob) -> None:
     if not blob.nchw:
         raise _fail(layer, f"input of rank {len(blob.shape)}, expected an image-like rank 4")
@@ -155,18 +156,6 @@ def _out_hw(hw: list[int], pads, kernel, stride, dilation=(1, 1)) -> list[int]:
             raise _Unsupported(f"kernel {span} wider than the padded input {padded}")
         sizes.append((padded - span) // s + 1)
     return sizes
-
-
-def _weights(layer: Layer, names: dict[str, bool]) -> dict[str, Any]:
-    """The layer's weights by short name; ``names`` maps each allowed name to required."""
-    found = {w.name: w for w in layer.weights}
-    extra = sorted(set(found) - set(names))
-    if extra:
-        raise _fail(layer, f"unexpected weights {', '.join(extra)}")
-    missing = sorted(n for n, required in names.items() if required and n not in found)
-    if missing:
-        raise _fail(layer, f"missing weights {', '.join(missing)}")
-    return found
 
 
 # -- convolutions (with a following BatchNormalization folded in) -----------------------------
@@ -208,10 +197,7 @@ class _Conv:
             if self.bias is not None:
                 conv.bias.floatValue.extend(_floats(self.bias))
 
-        if e.builder is None:
-            e.add(base, shape, lambda name, x: None)
-        else:
-            e.raw_layer(base, shape, fill)
+        e.raw_layer(base, shape, fill)
         return e.current()
 
 
@@ -222,7 +208,7 @@ def _load(e: _Emitter, layer: Layer, name: str) -> np.ndarray:
 def _conv2d(e: _Emitter, layer: Layer, blob: _Blob) -> _Conv:
     _channels_last(layer)
     _need_nchw(layer, blob)
-    w = _weights(layer, {"kernel": True, "bias": False})
+    w = _weights(layer, {"kernel"}, {"bias"})
     kh, kw, cin_g, cout = w["kernel"].shape
     groups = int(layer.config.get("groups", 1) or 1)
     if cin_g * groups != blob.shape[1] or cout % groups:
@@ -265,7 +251,7 @@ def _depthwise_conv2d(e: _Emitter, layer: Layer, blob: _Blob) -> _Conv:
     kernel = (
         "depthwise_kernel" if any(w.name == "depthwise_kernel" for w in layer.weights) else "kernel"
     )
-    w = _weights(layer, {kernel: True, "bias": False})
+    w = _weights(layer, {kernel}, {"bias"})
     return _depthwise(e, layer, blob, kernel, "bias" if "bias" in w else None)
 
 
@@ -274,7 +260,7 @@ def _separable_conv2d(e: _Emitter, layer: Layer, blob: _Blob) -> _Conv:
     any batch norm that follows)."""
     _channels_last(layer)
     _need_nchw(layer, blob)
-    w = _weights(layer, {"depthwise_kernel": True, "pointwise_kernel": True, "bias": False})
+    w = _weights(layer, {"depthwise_kernel", "pointwise_kernel"}, {"bias"})
     depthwise = _depthwise(e, layer, blob, "depthwise_kernel", None)
     blob = depthwise.emit(e, f"{layer.name}/depthwise", blob)
     _, _, cin, cout = w["pointwise_kernel"].shape
@@ -310,8 +296,8 @@ def _batchnorm_affine(e: _Emitter, layer: Layer, channels: int) -> tuple[np.ndar
     for key in ("renorm", "virtual_batch_size", "adjustment", "synchronized"):
         if cfg.get(key):
             raise _fail(layer, f"{key} is not covered")
-    optional = {n: False for n, on in (("gamma", "scale"), ("beta", "center")) if cfg.get(on, True)}
-    found = _weights(layer, {"moving_mean": True, "moving_variance": True, **optional})
+    optional = {n for n, on in (("gamma", "scale"), ("beta", "center")) if cfg.get(on, True)}
+    found = _weights(layer, {"moving_mean", "moving_variance"}, optional)
     for w in found.values():
         if tuple(w.shape) != (channels,):
             raise _fail(layer, f"{w.name} {list(w.shape)} does not fit {channels} channels")
@@ -325,7 +311,7 @@ def _batchnorm_affine(e: _Emitter, layer: Layer, channels: int) -> tuple[np.ndar
 
 
 def _convolution(
-    e: _Emitter, node: Node, blob: _Blob, consumers: dict[int, list[int]], keep: set[int]
+    e: _Emitter, node: Node, blob: _Blob, consumers: dict[int, list[int]], output: int
 ) -> _Blob:
     layer = node.layer
     conv = CONVOLUTIONS[layer.class_name](e, layer, blob)
@@ -333,7 +319,7 @@ def _convolution(
     activation = fast_head._activation_name(layer, layer.config.get("activation"))
     out = node.outputs[0]
     readers = consumers.get(out, [])
-    if activation == "linear" and out not in keep and len(readers) == 1:
+    if activation == "linear" and out != output and len(readers) == 1:
         bn = e.graph.nodes[readers[0]]
         if (
             bn.layer.class_name == "BatchNormalization"
@@ -599,11 +585,11 @@ def _normalization(e: _Emitter, layer: Layer, blob: _Blob) -> _Blob:
     c = blob.shape[1] if blob.nchw else blob.shape[-1]
     if cfg.get("mean") is not None or cfg.get("variance") is not None:
         # given when the layer was made (EfficientNetV2, ConvNeXt): no weights then
-        _weights(layer, {})
+        _weights(layer, set(), set())
         mean = _scalar_or_channels(layer, cfg.get("mean"), c)
         variance = _scalar_or_channels(layer, cfg.get("variance"), c)
     else:
-        found = _weights(layer, {"mean": True, "variance": True, "count": False})
+        found = _weights(layer, {"mean", "variance"}, {"count"})
         for name in ("mean", "variance"):
             if math.prod(found[name].shape) != c:
                 raise _fail(layer, f"{name} {list(found[name].shape)} does not fit {c} channels")
@@ -811,10 +797,6 @@ SINGLE: dict[str, OneInput] = {
 FLAT_ONLY = {"Dense": fast_head._dense, "Softmax": fast_head._softmax_layer}
 
 
-def covered_layers() -> list[str]:
-    return sorted({*SINGLE, *CONVOLUTIONS, *MERGES, "Concatenate", *FLAT_ONLY, "InputLayer"})
-
-
 # -- the backbone -----------------------------------------------------------------------------
 
 
@@ -845,7 +827,6 @@ def _translate(e: _Emitter, graph: Graph, start: int, first: _Blob, output: int)
         before = graph.ancestors([start])
         nodes = [n for n in nodes if n.index not in before]
     consumers = graph.consumers()
-    keep = {output}
     e.blobs[start] = first
     for node in nodes:
         layer = node.layer
@@ -874,7 +855,7 @@ def _translate(e: _Emitter, graph: Graph, start: int, first: _Blob, output: int)
             raise _Unsupported(f"{_label(layer)} takes {len(inputs)} inputs")
         elif name in CONVOLUTIONS:
             e.use(inputs[0])
-            blob = _convolution(e, node, inputs[0], consumers, keep)
+            blob = _convolution(e, node, inputs[0], consumers, output)
         elif name in SINGLE:
             e.use(inputs[0])
             blob = SINGLE[name](e, layer, inputs[0])

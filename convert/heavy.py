@@ -61,39 +61,29 @@ def coremltools_converts_tensorflow() -> bool:
 
 
 def coremltools() -> Any:
-    if "coremltools" in sys.modules:
-        import coremltools as ct
-
-        return ct
-    if _FORGO_TENSORFLOW and "tensorflow" not in sys.modules:
-        _import_coremltools_without_tensorflow()
-    else:
-        tensorflow()  # imported quietly here, before coremltools imports it
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' progress bars; we print our own
-    logger = logging.getLogger("coremltools")
     if "coremltools" not in sys.modules:
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            import coremltools  # noqa: F401
-        finally:
-            logger.setLevel(level)
+        hide = _FORGO_TENSORFLOW and "tensorflow" not in sys.modules
+        if not hide:
+            tensorflow()  # imported quietly here, before coremltools imports it
+        _import_coremltools(hide_tensorflow=hide)
     import coremltools as ct
 
     return ct
 
 
-def _import_coremltools_without_tensorflow() -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")
+def _import_coremltools(hide_tensorflow: bool) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' progress bars; we print our own
     logger = logging.getLogger("coremltools")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    sys.modules["tensorflow"] = None  # type: ignore[assignment]  # makes `import tensorflow` fail
+    if hide_tensorflow:
+        sys.modules["tensorflow"] = None  # type: ignore[assignment]  # `import tensorflow` fails
     try:
         with _stderr_silenced():  # "Failed to load _MLModelProxy" notices on Linux
             import coremltools  # noqa: F401
     finally:
-        del sys.modules["tensorflow"]
+        if hide_tensorflow:
+            del sys.modules["tensorflow"]
         logger.setLevel(level)
 
 
