@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from convert import __version__
-from convert.build import BACKBONE_CONVERTERS, DEFAULT_JOBS
+from convert.build.jobs import BACKBONE_CONVERTERS, DEFAULT_JOBS
+from convert.check.verify import TOLERANCES
 from convert.errors import SplitError
-from convert.families import PREPROCESSING
-from convert.plan import DEFAULT_MIN_SHARED
-from convert.verify import TOLERANCES
+from convert.plan.types import DEFAULT_MIN_SHARED
+from convert.read.families import PREPROCESSING
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify_command(args.build, args, out, err)
         per_model, default = _preprocessing(args.preprocess)
-        from convert.manifest import load_manifest
-        from convert.plan import make_plan
+        from convert.plan.make import make_plan
+        from convert.read.manifest import load_manifest
 
         started = time.perf_counter()
         manifest = load_manifest(args.models)
-        from convert.cache import SourceCache
+        from convert.read.sources import SourceCache
 
         sources = SourceCache(args.out if args.command == "convert" else None)
         plan, graphs = make_plan(
@@ -182,7 +182,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
 
 
 def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
-    from convert.build import build
+    from convert.build.run import build
     from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
 
     if not plan.models:
@@ -244,8 +244,8 @@ def _progress(err, show: bool):
 
 
 def _verify_command(build_dir: Path, args, out, err) -> int:
+    from convert.check.verify import as_json, verify_build
     from convert.report import Report, write_reports
-    from convert.verify import as_json, verify_build
 
     tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
     show = not (args.quiet or args.json)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from convert import __version__
-from convert.plan import ErrorEntry, Plan
+from convert.plan.types import ErrorEntry, Plan
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Report:
     classifiers: list[ClassifierReport] = field(default_factory=list)
     errors: list[ErrorEntry] = field(default_factory=list)
     lower_bound_bytes: int = 0
-    verify: list[dict[str, Any]] | None = None  # convert.verify.VerifyResult as dicts
+    verify: list[dict[str, Any]] | None = None  # convert.check.verify.VerifyResult as dicts
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
@@ -301,7 +301,7 @@ def svg(report: Report) -> str:
 
 
 def write_reports(report: Report, out: Path) -> None:
-    from convert.emit import write_atomic
+    from convert.files import write_atomic
 
     write_atomic(out / "report.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
     write_atomic(out / "report.svg", svg(report).encode())

@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table into this file")
     args = parser.parse_args(argv)
 
+    from convert.check.reference import load
+    from convert.check.verify import synthetic_images
     from convert.cli import main as cli
-    from convert.families import PREPROCESSING
     from convert.heavy import keras
-    from convert.reference import load
-    from convert.verify import synthetic_images
+    from convert.read.families import PREPROCESSING
 
     with tempfile.TemporaryDirectory() as tmp:
         zoo, out = Path(tmp) / "zoo", Path(tmp) / "build"

@@ -54,7 +54,7 @@ ARCHS = [
 # less raises "Input size must be at least ...").
 MIN_SIZE = {arch: 32 for arch in ARCHS} | {"InceptionV3": 75, "Xception": 71}
 
-# arch -> (family that convert.families should detect, preprocessing it should choose).
+# arch -> (family that convert.read.families should detect, preprocessing it should choose).
 # MobileNetV3, EfficientNet(V2) and ConvNeXt rescale inside the model (Rescaling/Normalization
 # layers), so they take 0-255 pixels: "raw".
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -277,8 +277,8 @@ def save_arch_classifier(
 def load_classifier(path: str | Path) -> Any:
     """Load a saved classifier with the Keras that wrote it, as coreml-split does (including its
     repair of Keras 3 files that Keras 3 cannot reload, see convert/keras_exec.py)."""
-    from convert.h5reader import read_model
-    from convert.keras_exec import load_keras_model
+    from convert.check.keras_model import load_keras_model
+    from convert.read.h5 import read_model
 
     return load_keras_model(read_model(path, with_digests=False))
 

@@ -27,9 +27,9 @@ import arch_zoo
 import numpy as np
 import pytest
 
+from convert.check.validate import validate_file
 from convert.cli import main
-from convert.plan import make_plan
-from convert.validate import validate_file
+from convert.plan.make import make_plan
 
 # Seconds to build the zoo and convert it (the fixture), measured under pytest on 2 cores:
 # NASNetMobile 72 (converted standalone twice today; 36 once it shares), InceptionV3 27,
@@ -161,13 +161,13 @@ def test_plan_infers_family_and_preprocessing(run: Run) -> None:
     assert all(model.family == family for model in plan.models)
 
 
-# -- numeric parity (needs the numpy Core ML evaluator, convert.reference) --------------------
+# -- numeric parity (needs the numpy Core ML evaluator, convert.check.reference) --------------------
 #
 # The same deterministic uint8 images go to Keras, preprocessed in numpy as keras.applications
 # prescribes for the family (tf: x / 127.5 - 1; caffe: RGB -> BGR minus [103.939, 116.779,
 # 123.68]; torch: x / 255 minus [0.485, 0.456, 0.406] over [0.229, 0.224, 0.225]; raw: x), and to
 # each emitted classifier (pipeline, or standalone model), which scales pixels itself. Skipped
-# until convert.reference exists.
+# until convert.check.reference exists.
 
 PARITY_IMAGES = 8
 PARITY_ATOL = 1e-4
@@ -194,7 +194,7 @@ def _layer_kinds(path: Path) -> set[str]:
 @pytest.mark.parametrize("converter", CONVERTERS)
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_classifiers_match_keras(run: Run, converter: str) -> None:
-    reference = pytest.importorskip("convert.reference")
+    reference = pytest.importorskip("convert.check.reference")
     out = run.outs[converter]
     assert run.exit_codes[converter] == 0, run.stderr[converter]
     kinds = set().union(*(_layer_kinds(p) for p in out.glob("*.mlmodel")))
@@ -221,7 +221,7 @@ def test_direct_backbone_matches_coremltools(run: Run) -> None:
     backbone on the same images (both run by the evaluator)."""
     if run.arch in NOT_DIRECT:
         pytest.skip("converted with ct.convert either way")
-    reference = pytest.importorskip("convert.reference")
+    reference = pytest.importorskip("convert.check.reference")
     pixels = arch_zoo.images(run.size, n=4, seed=5)
     features = {}
     for converter in CONVERTERS:

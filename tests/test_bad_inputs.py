@@ -9,7 +9,7 @@ import factory
 import pytest
 
 from convert.cli import main
-from convert.emit import write_atomic
+from convert.files import write_atomic
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
     def disk_full(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("convert.emit.os.fsync", disk_full)
+    monkeypatch.setattr("convert.files.os.fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(target, b"new")
     assert target.read_bytes() == b"old"

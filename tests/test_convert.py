@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from convert.check.validate import validate_file
 from convert.cli import main
-from convert.plan import make_plan
-from convert.validate import validate_file
+from convert.plan.make import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 
 from convert import fast_backbone
+from convert.check.validate import validate_spec
 from convert.cli import main
-from convert.families import PREPROCESSING
-from convert.h5reader import read_model
-from convert.validate import validate_spec
+from convert.read.families import PREPROCESSING
+from convert.read.h5 import read_model
 
-reference = pytest.importorskip("convert.reference")
+reference = pytest.importorskip("convert.check.reference")
 
 SIZE = 12  # even: a stride-2 "same" convolution pads one pixel more at the bottom and right
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def _images(n: int = 4) -> np.ndarray:
 @pytest.mark.parametrize("flavour", ["k3", "k2"])
 @pytest.mark.parametrize("construct", sorted(CONSTRUCTS))
 def test_direct_build_matches_keras(tmp_path: Path, construct: str, flavour: str) -> None:
-    from convert.keras_exec import load_keras_model
+    from convert.check.keras_model import load_keras_model
 
     graph = read_model(_save(tmp_path / f"{construct}.h5", flavour, construct))
     output = graph.outputs[0]
@@ -336,7 +336,7 @@ def test_one_by_one_size_is_exact_without_copying_the_backbone(
 
 
 def test_packed_graphs_round_trip(zoo: Path) -> None:
-    from convert.plan import make_plan
+    from convert.plan.make import make_plan
 
     plan, graphs = make_plan(zoo)
     for model in plan.models:

@@ -1,5 +1,5 @@
-"""Fast heads (convert.fast_head): built from the .h5 weights, checked against the ct.convert head
-(convert.emit.convert_head) and against Keras on the same random features, with the reference
+"""Fast heads (convert.build.fast_head): built from the .h5 weights, checked against the ct.convert head
+(convert.build.emit.convert_head) and against Keras on the same random features, with the reference
 evaluator; and against Core ML's rules, alone and inside the pipeline that wraps a head."""
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from convert import emit, fast_head, reference
+from convert.check.validate import validate_spec
 from convert.errors import ConversionError
-from convert.graph import Graph
-from convert.h5reader import load_weight, read_model
 from convert.heavy import coremltools
-from convert.plan import ModelPlan, cut_tensors, make_plan
-from convert.validate import validate_spec
+from convert.plan.cuts import cut_tensors
+from convert.plan.make import make_plan
+from convert.plan.types import ModelPlan
+from convert.read.graph import Graph
+from convert.read.h5 import load_weight, read_model
 
 TOLERANCE = 1e-5  # max |difference| of the probabilities, fast head vs ct.convert and Keras
 BATCH = 6
@@ -183,7 +185,7 @@ def without_metadata(spec: Any) -> Any:
 
 def check_head(graph: Graph, plan: ModelPlan, seed: int = 0) -> dict[str, float]:
     """Fast head vs ct.convert head vs Keras on the same features; returns the differences."""
-    from convert.keras_exec import layer_objects, load_keras_model, subgraph_function
+    from convert.check.keras_model import layer_objects, load_keras_model, subgraph_function
 
     split, output = plan.split_tensor, graph.outputs[0]
     assert fast_head.supported(graph, split, output) is None

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from convert.errors import ModelFileError
-from convert.h5reader import read_model
-from convert.plan import cut_tensors, make_plan, model_names
+from convert.plan.cuts import cut_tensors
+from convert.plan.make import make_plan, model_names
+from convert.read.h5 import read_model
 
 
 def _tensor(name: str) -> dict:

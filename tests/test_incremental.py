@@ -107,8 +107,8 @@ def test_outputs_of_removed_models_are_removed_unless_a_file_failed(work) -> Non
 def test_read_models_are_reused_only_while_their_file_is_untouched(zoo: Path, tmp_path: Path):
     import os
 
-    from convert.cache import SourceCache
-    from convert.h5reader import read_model
+    from convert.read.h5 import read_model
+    from convert.read.sources import SourceCache
 
     path = tmp_path / "m.h5"
     shutil.copy2(zoo / "nested_k3.h5", path)

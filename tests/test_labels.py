@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from convert.errors import LabelsError
-from convert.labels import read_labels, resolve_labels
+from convert.read.labels import read_labels, resolve_labels
 
 
 def test_own_labels_file_wins_over_folder_labels(tmp_path: Path) -> None:

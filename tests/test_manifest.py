@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.manifest import (
+from convert.read.manifest import (
     MANIFEST_NAME,
     PREPROCESSING_NAMES,
     BackboneSettings,
@@ -139,14 +139,14 @@ def test_empty_manifest_is_valid(tmp_path: Path) -> None:
 
 
 def test_preprocessing_names_match_families() -> None:
-    from convert.families import PREPROCESSING
+    from convert.read.families import PREPROCESSING
 
     assert set(PREPROCESSING_NAMES) == set(PREPROCESSING)
 
 
 def test_imports_no_heavy_libraries() -> None:
     heavy = "{'tensorflow', 'coremltools', 'numpy'}"
-    code = f"import sys, convert.manifest; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, convert.read.manifest; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -50,7 +50,7 @@ def load(path: Path):
 @pytest.fixture(scope="module")
 def converted(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     root = tmp_path_factory.mktemp("manifest")
-    from convert.plan import make_plan
+    from convert.plan.make import make_plan
 
     shutil.copytree(zoo, root / "zoo")
     plan, _ = make_plan(root / "zoo")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from convert import reference
-from convert.reference import LinkedModelNotFound, ReferenceError, UnsupportedLayer
+from convert.check.reference import LinkedModelNotFound, ReferenceError, UnsupportedLayer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -50,7 +50,7 @@ def model_pb2() -> Any:
 
 def convert(fn: Any, shape: tuple[int, ...], inputs: list[Any], **kwargs: Any) -> Any:
     """``fn`` (a Keras model or any TF callable) -> NeuralNetwork spec, with coremltools'
-    default passes. Not convert.emit's conversion on purpose: emit skips the pass that makes
+    default passes. Not convert.build.emit's conversion on purpose: emit skips the pass that makes
     ``batchnorm`` layers, and the evaluator must still meet them (other tools write them)."""
     tf = __import__("convert.heavy", fromlist=["tensorflow"]).tensorflow()
     name = inputs[0].name
@@ -113,7 +113,7 @@ def quantize(spec: Any, nbits: int, mode: str) -> Any:
 
 
 def stub_for(backbone: Any, file_name: str, search_path: str) -> Any:
-    """A LinkedModel with the backbone's interface, as convert.emit.make_stub writes it."""
+    """A LinkedModel with the backbone's interface, as convert.build.emit.make_stub writes it."""
     stub = model_pb2().Model()
     stub.specificationVersion = 4
     stub.description.input.extend(backbone.description.input)
@@ -1033,8 +1033,8 @@ def test_every_pipeline_the_cli_writes_matches_its_keras_model(built) -> None:
     gives Keras' probabilities."""
     import json
 
-    from convert.h5reader import read_model
-    from convert.keras_exec import load_keras_model
+    from convert.check.keras_model import load_keras_model
+    from convert.read.h5 import read_model
 
     out, _code = built
     report = json.loads((out / "report.json").read_text())

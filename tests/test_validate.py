@@ -1,4 +1,4 @@
-"""Tests for convert.validate: Core ML's validation rules, checked on Linux.
+"""Tests for convert.check.validate: Core ML's validation rules, checked on Linux.
 
 Every spec here is built by hand (NeuralNetworkBuilder or raw Model_pb2). The baseline
 pipeline classifier [LinkedModel stub, NeuralNetworkClassifier head] must pass with no
@@ -19,7 +19,7 @@ from coremltools.models import datatypes  # noqa: E402
 from coremltools.models.neural_network import NeuralNetworkBuilder  # noqa: E402
 from coremltools.proto import FeatureTypes_pb2, Model_pb2, NeuralNetwork_pb2  # noqa: E402
 
-from convert.validate import (  # noqa: E402
+from convert.check.validate import (  # noqa: E402
     SpecInvalid,
     check_file,
     describe_type,

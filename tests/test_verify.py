@@ -11,7 +11,7 @@ import pytest
 
 from convert.cli import main
 
-pytest.importorskip("convert.reference")
+pytest.importorskip("convert.check.reference")
 
 
 def load(path: Path):

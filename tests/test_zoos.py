@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convert.check.validate import validate_file
 from convert.cli import main
-from convert.plan import make_plan
-from convert.validate import validate_file
+from convert.plan.make import make_plan
 
-pytest.importorskip("convert.reference")
+pytest.importorskip("convert.check.reference")
 
 SIZE = 32
 TUNED = ("block_16", "Conv_1")  # MobileNetV2's last block and its last convolution

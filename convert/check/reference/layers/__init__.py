@@ -1,0 +1,11 @@
+"""Layer families; importing this package fills :data:`convert.check.reference.registry.REGISTRY`."""
+
+from convert.check.reference.layers import (  # noqa: F401
+    activation,
+    convolution,
+    elementwise,
+    linear,
+    normalisation,
+    reduce,
+    shape,
+)
