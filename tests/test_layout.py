@@ -170,18 +170,31 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"read/h5.py": "from convert.build import network\n", "build/network.py": ""},
-         "read/h5.py: read must not import convert.build.network (build)"),
-        ({"check/verify.py": "def f():\n    from convert.build.spec import X\n",
-          "build/spec.py": ""},
-         "check must not import convert.build.spec (build)"),
+        (
+            {"read/h5.py": "from convert.build import network\n", "build/network.py": ""},
+            "read/h5.py: read must not import convert.build.network (build)",
+        ),
+        (
+            {
+                "check/verify.py": "def f():\n    from convert.build.spec import X\n",
+                "build/spec.py": "",
+            },
+            "check must not import convert.build.spec (build)",
+        ),
         ({"plan/make.py": "import coremltools\n"}, "plan/ must not import coremltools"),
-        ({"read/h5.py": "from convert.heavy import keras\n", "heavy.py": ""},
-         "read/ must not import convert.heavy"),
+        (
+            {"read/h5.py": "from convert.heavy import keras\n", "heavy.py": ""},
+            "read/ must not import convert.heavy",
+        ),
         ({"build/fast_head.py": ""}, "no module is named fast_*"),
         ({"emit.py": ""}, "emit.py: only"),
-        ({"build/a.py": "from convert.build import b\n", "build/b.py": "import convert.build.a\n"},
-         "import cycle: convert.build.a -> convert.build.b"),
+        (
+            {
+                "build/a.py": "from convert.build import b\n",
+                "build/b.py": "import convert.build.a\n",
+            },
+            "import cycle: convert.build.a -> convert.build.b",
+        ),
     ],
 )
 def test_a_broken_rule_is_named(tmp_path: Path, files: dict[str, str], expected: str) -> None:

@@ -12,26 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from convert.read.graph import Graph, Layer, Node, is_tensor_ref
-
-# Layers that are the identity at inference: their output has their input's fingerprint.
-IDENTITY_AT_INFERENCE = {
-    "Dropout",
-    "SpatialDropout1D",
-    "SpatialDropout2D",
-    "SpatialDropout3D",
-    "GaussianNoise",
-    "GaussianDropout",
-    "AlphaDropout",
-    "ActivityRegularization",
-    "Identity",
-    "RandomFlip",
-    "RandomRotation",
-    "RandomZoom",
-    "RandomTranslation",
-    "RandomContrast",
-    "RandomBrightness",
-}
+from convert.read.graph import IDENTITY_AT_INFERENCE, Graph, Layer, Node, is_tensor_ref
 
 # Config keys that never change what a layer computes at inference.
 IGNORED_KEYS = {

@@ -203,4 +203,3 @@ def _alternative(
     if alone:
         parts.append(f"{', '.join(alone)} standalone")
     return "; ".join(parts), saved * BYTES_PER_PARAMETER
-

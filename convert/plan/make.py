@@ -55,7 +55,6 @@ def model_names(paths: list[Path]) -> dict[Path, str]:
     return {p: f"{candidate(p, 0)}_{i}" for i, p in enumerate(paths)}
 
 
-
 def make_plan(
     root: Path,
     preprocessing: dict[str, str] | None = None,
@@ -176,4 +175,3 @@ def _name_backbones(plan: Plan, manifest: Manifest) -> None:
         for model in plan.models:
             if model.group == old:
                 model.group = name
-

@@ -106,4 +106,3 @@ class Plan:
             "unique_parameters": self.unique_parameters,
             "lower_bound_bytes": self.lower_bound_bytes,
         }
-

@@ -15,6 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Keras layers that compute the identity at inference (dropouts, noise, augmentation): a
+# fingerprint passes through them, and the builder writes no layer for them.
+IDENTITY_AT_INFERENCE = {
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Identity",
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
+}
+
 # Placeholder for a tensor inside a layer call's argument structure: {"__tensor__": <tensor id>}.
 TENSOR_KEY = "__tensor__"
 
