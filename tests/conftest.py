@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,26 +13,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before any test imports Te
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five classifiers in two families of files, plus one with a single changed BN statistic.
-
-    - nested_k3, nested_k2, flat_k2: one frozen MobileNetV2 (seed 0), written by Keras 3 and by
-      tf_keras, nested as one layer or with its layers inline;
-    - tm_cats, tm_dogs: Teachable Machine layout (sub-models named model1 / model2) on another
-      backbone (seed 7);
-    - perturbed: nested_k3 with one BatchNorm moving mean changed (block_3).
-    """
-    import factory
+    """The session zoo (:func:`zoos.session`): five classifiers in two families of files, plus one
+    with a single changed BN statistic."""
+    import zoos
 
     root = tmp_path_factory.mktemp("zoo")
-    factory.save_transfer_classifier(root / "nested_k3.h5", "k3", 3, head_seed=1, dropout=True)
-    factory.save_transfer_classifier(root / "nested_k2.h5", "k2", 4, head_seed=2)
-    factory.save_transfer_classifier(
-        root / "flat_k2.h5", "k2", 2, head_seed=3, layout="flat", hidden=16
-    )
-    factory.save_teachable_machine(root / "tm_cats", 2, "model1", head_seed=4, backbone_seed=7)
-    factory.save_teachable_machine(root / "tm_dogs", 3, "model2", head_seed=5, backbone_seed=7)
-    factory.perturb_bn_moving_mean(root / "nested_k3.h5", root / "perturbed.h5")
-    (root / "perturbed.labels.txt").write_text((root / "nested_k3.labels.txt").read_text())
+    zoos.session(root)
     return root
 
 
@@ -42,3 +29,22 @@ def built(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, in
 
     out = tmp_path_factory.mktemp("build")
     return out, main(["convert", str(zoo), "--out", str(out), "--quiet"])
+
+
+class SavedModels:
+    """Small Keras files saved once per session and shared by the tests that read them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths: dict[str, Path] = {}
+
+    def get(self, key: str, save: Callable[[Path], Path]) -> Path:
+        """The file for ``key``, written by ``save(path)`` on first use."""
+        if key not in self.paths:
+            self.paths[key] = save(self.root / f"{key}.h5")
+        return self.paths[key]
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModels:
+    return SavedModels(tmp_path_factory.mktemp("saved"))

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import arch_zoo
+import digests
 import numpy as np
 import pytest
+import zoos
 
 from convert.check.validate import validate_file
 from convert.cli import main
@@ -47,15 +49,15 @@ SLOW = {
 }
 
 
-CLASSIFIERS = {"first": (3, 1), "second": (4, 2)}  # name -> (classes, head seed)
+CLASSIFIERS = zoos.ARCH_CLASSIFIERS  # name -> (classes, head seed)
 
 ARCHS = [
     pytest.param(a, marks=[pytest.mark.slow] if a in SLOW else [], id=a) for a in arch_zoo.ARCHS
 ]
 
 
-# Architectures whose backbone has a layer convert/fast_backbone.py does not build, so that
-# "auto" converts it with ct.convert: ConvNeXt's LayerNormalization.
+# Architectures whose backbone has a layer the layer registry (convert/build/layers/) does not
+# cover, so that "auto" converts it with ct.convert: ConvNeXt's LayerNormalization.
 NOT_DIRECT = {"ConvNeXtTiny"}
 CONVERTERS = ("auto", "coremltools")
 
@@ -87,8 +89,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     zoo = root / "zoo"
     zoo.mkdir()
     started = time.perf_counter()
-    for name, (classes, head_seed) in CLASSIFIERS.items():
-        arch_zoo.save_arch_classifier(zoo / f"{name}.h5", arch, "k3", classes, head_seed)
+    zoos.arch(zoo, arch)
     built = time.perf_counter() - started
     outs, codes, errs, seconds = {}, {}, {}, {}
     for converter in CONVERTERS:
@@ -134,6 +135,13 @@ def test_convert(run: Run, converter: str) -> None:
         assert link == Path(backbones[0]).stem + ".mlmodelc"
 
 
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("run", ARCHS, indirect=True)
+def test_outputs_are_byte_identical_to_the_recorded_ones(run: Run, converter: str) -> None:
+    assert run.exit_codes[converter] == 0, run.stderr[converter]
+    digests.check(f"arch-{run.arch}-{converter}", run.zoo, run.outs[converter])
+
+
 @pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_backbone_builder(run: Run) -> None:
     """ "auto" builds every backbone here from the weights but NOT_DIRECT's, and the report
@@ -161,7 +169,7 @@ def test_plan_infers_family_and_preprocessing(run: Run) -> None:
     assert all(model.family == family for model in plan.models)
 
 
-# -- numeric parity (needs the numpy Core ML evaluator, convert.check.reference) --------------------
+# -- numeric parity (needs the numpy Core ML evaluator, convert.check.reference) -------------
 #
 # The same deterministic uint8 images go to Keras, preprocessed in numpy as keras.applications
 # prescribes for the family (tf: x / 127.5 - 1; caffe: RGB -> BGR minus [103.939, 116.779,

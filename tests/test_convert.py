@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import digests
 import pytest
 
 from convert.check.validate import validate_file
@@ -175,6 +176,12 @@ def test_converting_twice_gives_byte_identical_files(built, zoo: Path, tmp_path:
     second = {p.name: p.read_bytes() for p in again.iterdir() if p.is_file()}
     assert first.keys() == second.keys()
     assert [n for n in first if first[n] != second[n]] == []
+
+
+def test_the_session_build_is_byte_identical_to_the_recorded_one(built, zoo: Path) -> None:
+    out, code = built
+    assert code == 0
+    digests.check("session", zoo, out)
 
 
 @pytest.mark.parametrize("mode", ["caffe", "unit"])

@@ -50,8 +50,9 @@ def model_pb2() -> Any:
 
 def convert(fn: Any, shape: tuple[int, ...], inputs: list[Any], **kwargs: Any) -> Any:
     """``fn`` (a Keras model or any TF callable) -> NeuralNetwork spec, with coremltools'
-    default passes. Not convert.build.emit's conversion on purpose: emit skips the pass that makes
-    ``batchnorm`` layers, and the evaluator must still meet them (other tools write them)."""
+    default passes. Not convert.build.ct_convert's conversion on purpose: it skips the pass
+    that makes ``batchnorm`` layers, and the evaluator must still meet them (other tools write
+    them)."""
     tf = __import__("convert.heavy", fromlist=["tensorflow"]).tensorflow()
     name = inputs[0].name
     cf = tf.function(lambda x: fn(x)).get_concrete_function(
@@ -113,7 +114,8 @@ def quantize(spec: Any, nbits: int, mode: str) -> Any:
 
 
 def stub_for(backbone: Any, file_name: str, search_path: str) -> Any:
-    """A LinkedModel with the backbone's interface, as convert.build.emit.make_stub writes it."""
+    """A LinkedModel with the backbone's interface, as convert.build.pipeline.make_stub writes
+    it."""
     stub = model_pb2().Model()
     stub.specificationVersion = 4
     stub.description.input.extend(backbone.description.input)

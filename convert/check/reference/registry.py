@@ -6,8 +6,8 @@ of one example is ``blob[i]``, so a blob's Core ML rank is ``blob.ndim - 1``. La
 take ``(layer, inputs)`` and return one array or a list (one per output). Axes given in a layer's
 parameters are Core ML axes; :func:`axis` maps them onto the array.
 
-A layer function raises :class:`~convert.check.reference.errors.Unsupported` for a parameter value it
-does not implement; the network reports that as ``UnsupportedLayer`` with the layer's name.
+A layer function raises :class:`~convert.check.reference.errors.Unsupported` for a parameter
+value it does not implement; the network reports that as ``UnsupportedLayer`` with the layer's name.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Layer families; importing this package fills :data:`convert.check.reference.registry.REGISTRY`."""
+"""Layer families; importing this package fills the registry
+(:data:`convert.check.reference.registry.REGISTRY`)."""
 
 from convert.check.reference.layers import (  # noqa: F401
     activation,

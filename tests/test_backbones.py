@@ -1,9 +1,9 @@
-"""Backbones built straight from the .h5 weights (convert/fast_backbone.py).
+"""Backbones built straight from the .h5 weights (convert/build/network.py, NCHW layout).
 
 Each construct below is a small Keras model, saved in both flavours, whose whole output is
 treated as the backbone's split tensor. The direct build must be valid under Core ML's rules
 (strict types) and, run by the numpy evaluator, give the loaded Keras model's output. Between
-them the constructs cover every layer kind fast_backbone writes: convolutions of each kind with
+them the constructs cover every layer kind the NCHW walk writes: convolutions of each kind with
 and without a folded BatchNormalization, padding, cropping, pooling, squeeze-and-excitation,
 concatenation on each axis, rescaling and normalisation, merge layers and arithmetic written as
 keras.ops / TFOpLambda calls, and the flat tail (Flatten in NHWC order, Dense, BatchNorm).
@@ -23,10 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import digests
 import numpy as np
 import pytest
+import zoos
 
-from convert import fast_backbone
+from convert.build import network
 from convert.check.validate import validate_spec
 from convert.cli import main
 from convert.read.families import PREPROCESSING
@@ -192,20 +194,25 @@ def _save(path: Path, flavour: str, construct: str) -> Path:
     return path
 
 
+def saved_construct(saved, construct: str, flavour: str) -> Path:
+    """The construct's file, saved once per session (the ``saved`` fixture)."""
+    return saved.get(f"construct-{construct}-{flavour}", lambda p: _save(p, flavour, construct))
+
+
 def _images(n: int = 4) -> np.ndarray:
     return np.random.default_rng(7).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
 
 
 @pytest.mark.parametrize("flavour", ["k3", "k2"])
 @pytest.mark.parametrize("construct", sorted(CONSTRUCTS))
-def test_direct_build_matches_keras(tmp_path: Path, construct: str, flavour: str) -> None:
+def test_direct_build_matches_keras(saved, tmp_path: Path, construct: str, flavour: str) -> None:
     from convert.check.keras_model import load_keras_model
 
-    graph = read_model(_save(tmp_path / f"{construct}.h5", flavour, construct))
+    graph = read_model(saved_construct(saved, construct, flavour))
     output = graph.outputs[0]
-    assert fast_backbone.supported(graph, output) is None
+    assert network.supported(graph, output) is None
     pre = PREPROCESSING["unit"]
-    spec = fast_backbone.build_backbone(graph, output, pre, [SIZE, SIZE, 3])
+    spec = network.build_backbone(graph, output, pre, [SIZE, SIZE, 3])
     assert validate_spec(spec, "backbone.mlmodel", strict_types=True) == []
     pixels = _images()
     got, _ = reference.evaluate_spec(spec, {"image": pixels}, model_dir=tmp_path)
@@ -218,15 +225,15 @@ def test_direct_build_matches_keras(tmp_path: Path, construct: str, flavour: str
     assert worst <= 1e-5, f"max |d| / max |y| = {worst:.2e}"
 
 
-def test_bn_is_folded_only_where_it_may_be(tmp_path: Path) -> None:
+def test_bn_is_folded_only_where_it_may_be(saved) -> None:
     """A BatchNorm that alone reads a convolution disappears into it; one that does not stays
     as a layer (a scale layer)."""
-    folded = read_model(_save(tmp_path / "a.h5", "k3", "conv_bn"))
-    kept = read_model(_save(tmp_path / "b.h5", "k3", "unfoldable_bn"))
+    folded = read_model(saved_construct(saved, "conv_bn", "k3"))
+    kept = read_model(saved_construct(saved, "unfoldable_bn", "k3"))
     pre = PREPROCESSING["unit"]
     kinds = {}
     for name, graph in (("folded", folded), ("kept", kept)):
-        spec = fast_backbone.build_backbone(graph, graph.outputs[0], pre, [SIZE, SIZE, 3])
+        spec = network.build_backbone(graph, graph.outputs[0], pre, [SIZE, SIZE, 3])
         kinds[name] = [layer.WhichOneof("layer") for layer in spec.neuralNetwork.layers]
     assert "scale" not in kinds["folded"] and "batchnorm" not in kinds["folded"]
     assert kinds["kept"].count("scale") == 2
@@ -240,7 +247,7 @@ def test_uncovered_layer_is_named(tmp_path: Path) -> None:
     K.Model(inp, x).save(str(tmp_path / "up.h5"))
     K.backend.clear_session()
     graph = read_model(tmp_path / "up.h5")
-    reason = fast_backbone.supported(graph, graph.outputs[0])
+    reason = network.supported(graph, graph.outputs[0])
     assert reason is not None and "'upsample' (UpSampling2D)" in reason
 
 
@@ -279,14 +286,13 @@ def test_covered_zoo_converts_without_tensorflow(zoo: Path, tmp_path: Path) -> N
 def test_standalone_model_built_directly(tmp_path: Path) -> None:
     """A zoo of one model shares nothing: the whole classifier is built from the weights,
     without TensorFlow, and matches Keras."""
-    import factory
-
     zoo = tmp_path / "zoo"
     zoo.mkdir()
-    factory.save_transfer_classifier(zoo / "only.h5", n_classes=3, head_seed=4)
+    zoos.standalone(zoo)
     out = tmp_path / "out"
     ran = _convert_in_subprocess(zoo, out)
     assert ran == {"rc": 0, "tensorflow": False, "keras": False}
+    digests.check("standalone", zoo, out)
     report = json.loads((out / "report.json").read_text())
     assert [c["group"] for c in report["classifiers"]] == [None]
     spec = reference.load(out / "only.mlmodel").spec
@@ -309,6 +315,7 @@ def test_builder_is_part_of_the_recipe(zoo: Path, tmp_path: Path) -> None:
         assert builders == {"direct" if converter == "auto" else "coremltools"}
         files = sorted(b["file"] for b in report["backbones"])
         backbone_bytes.setdefault(converter, []).append([(out / f).read_bytes() for f in files])
+        digests.check("session" if converter == "auto" else "session-coremltools", zoo, out)
     assert backbone_bytes["auto"][0] == backbone_bytes["auto"][1]
     assert backbone_bytes["auto"][0] != backbone_bytes["coremltools"][0]
 
@@ -318,21 +325,21 @@ def test_one_by_one_size_is_exact_without_copying_the_backbone(
 ) -> None:
     """The report's one-by-one size is worked out from the backbone's layer sizes instead of a
     merged copy per classifier; it must equal the merged spec's serialised size."""
-    from convert import emit
+    from convert.build import pipeline, spec
 
     out, code = built
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     for row in report["backbones"]:
         backbone = reference.load(out / row["file"]).spec
-        layer_bytes = emit.layers_size(backbone)
+        layer_bytes = pipeline.layers_size(backbone)
         for name in row["members"]:
             head = reference.load(out / f"{name}.mlmodel").spec.pipelineClassifier.pipeline
             head = head.models[1]
-            whole = emit.merge_standalone(backbone, head)
-            without = emit.merge_standalone(backbone, head, backbone_layers=False)
-            assert emit.standalone_size(without, layer_bytes) == whole.ByteSize()
-            assert len(emit.serialise(whole)) == whole.ByteSize()
+            whole = pipeline.merge_standalone(backbone, head)
+            without = pipeline.merge_standalone(backbone, head, backbone_layers=False)
+            assert pipeline.standalone_size(without, layer_bytes) == whole.ByteSize()
+            assert len(spec.serialise(whole)) == whole.ByteSize()
 
 
 def test_packed_graphs_round_trip(zoo: Path) -> None:

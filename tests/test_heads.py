@@ -1,6 +1,7 @@
-"""Fast heads (convert.build.fast_head): built from the .h5 weights, checked against the ct.convert head
-(convert.build.emit.convert_head) and against Keras on the same random features, with the reference
-evaluator; and against Core ML's rules, alone and inside the pipeline that wraps a head."""
+"""Heads built from the .h5 weights in the vector layout (one chain of layers in Keras order,
+convert.build.network), checked against the ct.convert head (convert.build.ct_convert) and
+against Keras on the same random features, with the reference evaluator; and against Core ML's
+rules, alone and inside the pipeline that wraps a head."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import factory
 import numpy as np
 import pytest
 
-from convert import emit, fast_head, reference
+from convert.build import ct_convert, network, pipeline
+from convert.build import spec as specs
+from convert.build.walker import VECTOR
+from convert.check import reference
 from convert.check.validate import validate_spec
 from convert.errors import ConversionError
 from convert.heavy import coremltools
@@ -145,6 +149,20 @@ def save_tiny(path: Path, flavour: str, head: list[Any], pooled: bool, seed: int
     return path
 
 
+HEAD_CLASSES = 3
+
+
+def saved_head(saved, name: str, flavour: str) -> Path:
+    """The tiny classifier with head ``name`` (3 classes), saved once per session."""
+    pooled, head = HEADS[name]
+
+    def save(path: Path) -> Path:
+        K = factory.keras_module(flavour)
+        return save_tiny(path, flavour, head(K, flavour, HEAD_CLASSES), pooled)
+
+    return saved.get(f"head-{name}-{flavour}", save)
+
+
 def split_after(graph: Graph, layer_name: str) -> int:
     """The cut tensor the named layer produces (a valid split point)."""
     return next(t for t in cut_tensors(graph) if graph.producer(t).layer.name == layer_name)
@@ -172,7 +190,7 @@ def model_plan(graph: Graph, split: int, n: int) -> ModelPlan:
 
 
 def probabilities(spec: Any, x: np.ndarray) -> np.ndarray:
-    out, _ = reference.evaluate_spec(spec, {emit.FEATURES: x}, model_dir=Path("."))
+    out, _ = reference.evaluate_spec(spec, {specs.FEATURES: x}, model_dir=Path("."))
     return out[reference.PROBABILITIES]
 
 
@@ -184,19 +202,20 @@ def without_metadata(spec: Any) -> Any:
 
 
 def check_head(graph: Graph, plan: ModelPlan, seed: int = 0) -> dict[str, float]:
-    """Fast head vs ct.convert head vs Keras on the same features; returns the differences."""
+    """Head built from the weights vs ct.convert head vs Keras on the same features; returns
+    the differences."""
     from convert.check.keras_model import layer_objects, load_keras_model, subgraph_function
 
     split, output = plan.split_tensor, graph.outputs[0]
-    assert fast_head.supported(graph, split, output) is None
-    shape = emit.feature_shape(graph, split)
-    fast = fast_head.build_head(graph, split, plan.labels, shape)
+    assert network.head_supported(graph, split, output, VECTOR) is None
+    shape = specs.feature_shape(graph, split)
+    fast = network.build_head(graph, split, plan.labels, shape, VECTOR)
     assert validate_spec(fast, "fast head", strict_types=True) == []
-    assert emit.serialise(fast) == emit.serialise(
-        fast_head.build_head(graph, split, plan.labels, shape)
+    assert specs.serialise(fast) == specs.serialise(
+        network.build_head(graph, split, plan.labels, shape, VECTOR)
     )
 
-    assert fast.specificationVersion >= emit.SPEC_VERSION
+    assert fast.specificationVersion >= specs.SPEC_VERSION
     assert pipeline_problems(fast) == []
 
     x = np.random.default_rng(seed).normal(0, 1, (BATCH, *shape[1:])).astype(np.float32)
@@ -206,7 +225,7 @@ def check_head(graph: Graph, plan: ModelPlan, seed: int = 0) -> dict[str, float]
     scale = max(1.0, float(np.abs(p_keras).max()))  # logits need not lie in [0, 1]
     diffs = {"keras": float(np.abs(p_fast - p_keras).max()) / scale}
     assert (p_fast.argmax(1) == p_keras.argmax(1)).all()
-    slow = emit.convert_head(graph, objects, plan)
+    slow = ct_convert.convert_head(graph, objects, plan)
     assert without_metadata(fast) == without_metadata(slow)  # the same interface, exactly
     assert fast.neuralNetworkClassifier.arrayInputShapeMapping == (
         slow.neuralNetworkClassifier.arrayInputShapeMapping
@@ -224,14 +243,14 @@ def pipeline_problems(head: Any) -> list[str]:
     from coremltools.proto import Model_pb2
 
     backbone = Model_pb2.Model()
-    backbone.specificationVersion = emit.SPEC_VERSION
+    backbone.specificationVersion = specs.SPEC_VERSION
     image = backbone.description.input.add()
-    image.name = emit.IMAGE
+    image.name = specs.IMAGE
     image.type.imageType.width = image.type.imageType.height = 4
     image.type.imageType.colorSpace = image.type.imageType.RGB
     backbone.description.output.add().CopyFrom(head.description.input[0])
-    pipeline = emit.make_pipeline(emit.make_stub(backbone, "Backbone.mlmodel"), head)
-    return validate_spec(pipeline, "pipeline", strict_types=True)
+    wrapped = pipeline.make_pipeline(pipeline.make_stub(backbone, "Backbone.mlmodel"), head)
+    return validate_spec(wrapped, "pipeline", strict_types=True)
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -239,14 +258,11 @@ def pipeline_problems(head: Any) -> list[str]:
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("name", list(HEADS))
-def test_tiny_heads_match_ct_convert_and_keras(tmp_path: Path, flavour: str, name: str) -> None:
-    pooled, head = HEADS[name]
-    n = 3
-    K = factory.keras_module(flavour)
-    path = save_tiny(tmp_path / f"{name}_{flavour}.h5", flavour, head(K, flavour, n), pooled)
-    graph = read_model(path)
+def test_tiny_heads_match_ct_convert_and_keras(saved, flavour: str, name: str) -> None:
+    pooled = HEADS[name][0]
+    graph = read_model(saved_head(saved, name, flavour))
     split = split_after(graph, "pool" if pooled else "stem")
-    check_head(graph, model_plan(graph, split, n))
+    check_head(graph, model_plan(graph, split, HEAD_CLASSES))
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -282,9 +298,9 @@ def test_4d_head_input_and_pipeline(tmp_path: Path) -> None:
     )
     graph = read_model(path)
     split = split_after(graph, "stem")
-    spec = fast_head.build_head(graph, split, ["a", "b"], [1, 4, 4, 8])
+    spec = network.build_head(graph, split, ["a", "b"], [1, 4, 4, 8], VECTOR)
     features = spec.description.input[0]
-    assert features.name == emit.FEATURES
+    assert features.name == specs.FEATURES
     assert list(features.type.multiArrayType.shape) == [1, 4, 4, 8]
     assert pipeline_problems(spec) == []
     kinds = [layer.WhichOneof("layer") for layer in spec.neuralNetworkClassifier.layers]
@@ -296,7 +312,7 @@ def test_4d_head_input_and_pipeline(tmp_path: Path) -> None:
         "innerProduct",
         "softmaxND",
     ]
-    assert spec.neuralNetworkClassifier.layers[-1].output[0] == emit.CLASS_PROBS
+    assert spec.neuralNetworkClassifier.layers[-1].output[0] == specs.CLASS_PROBS
     assert list(spec.neuralNetworkClassifier.stringClassLabels.vector) == ["a", "b"]
 
 
@@ -304,7 +320,7 @@ def test_epsilon_and_weights_come_from_the_file(tmp_path: Path) -> None:
     K = factory.keras_module("k2")
     path = save_tiny(tmp_path / "mlp.h5", "k2", _mlp(K, "k2", 3), True)
     graph = read_model(path)
-    spec = fast_head.build_head(graph, split_after(graph, "pool"), ["x", "y", "z"], [1, 8])
+    spec = network.build_head(graph, split_after(graph, "pool"), ["x", "y", "z"], [1, 8], VECTOR)
     layers = {layer.name: layer for layer in spec.neuralNetworkClassifier.layers}
     assert layers["bn"].batchnorm.epsilon == pytest.approx(0.01)
     hidden = layers["hidden"].innerProduct
@@ -325,10 +341,10 @@ def test_unsupported_heads_name_the_layer(tmp_path: Path, flavour: str) -> None:
     ]
     graph = read_model(save_tiny(tmp_path / "conv.h5", flavour, conv, False))
     split = split_after(graph, "stem")
-    reason = fast_head.supported(graph, split, graph.outputs[0])
+    reason = network.head_supported(graph, split, graph.outputs[0], VECTOR)
     assert reason is not None and "head_conv" in reason and "Conv2D" in reason
     with pytest.raises(ConversionError, match="head_conv"):
-        fast_head.build_head(graph, split, ["a", "b", "c"], [1, 4, 4, 8])
+        network.build_head(graph, split, ["a", "b", "c"], [1, 4, 4, 8], VECTOR)
 
     # two branches joined again: not a single chain
     inp = K.Input((4, 4, 6), name="pixels")
@@ -339,7 +355,7 @@ def test_unsupported_heads_name_the_layer(tmp_path: Path, flavour: str) -> None:
     path = tmp_path / "branches.h5"
     factory.zoo.save_h5(K.Model(inp, out), path)
     graph = read_model(path)
-    reason = fast_head.supported(graph, split_after(graph, "pool"), graph.outputs[0])
+    reason = network.head_supported(graph, split_after(graph, "pool"), graph.outputs[0], VECTOR)
     assert reason is not None and "branch_b" in reason
 
 
@@ -351,12 +367,12 @@ def test_unsupported_configurations(tmp_path: Path) -> None:
         K.layers.Dense(3, activation="softmax", name="predictions"),
     ]
     graph = read_model(save_tiny(tmp_path / "threshold.h5", "k3", head, True))
-    reason = fast_head.supported(graph, split_after(graph, "pool"), graph.outputs[0])
+    reason = network.head_supported(graph, split_after(graph, "pool"), graph.outputs[0], VECTOR)
     assert reason is not None and "thresholded" in reason and "ReLU" in reason
 
     head = [K.layers.Dense(3, activation="log_softmax", name="predictions")]
     graph = read_model(save_tiny(tmp_path / "log_softmax.h5", "k3", head, True))
-    reason = fast_head.supported(graph, split_after(graph, "pool"), graph.outputs[0])
+    reason = network.head_supported(graph, split_after(graph, "pool"), graph.outputs[0], VECTOR)
     assert reason is not None and "predictions" in reason and "log_softmax" in reason
 
     # keras.ops.softmax is stored as an operation named "Softmax", like the layer: not a layer
@@ -367,7 +383,7 @@ def test_unsupported_configurations(tmp_path: Path) -> None:
     factory.zoo.save_h5(K.Model(inp, out), path)
     graph = read_model(path)
     assert graph.producer(graph.outputs[0]).layer.class_name == "Softmax"
-    reason = fast_head.supported(graph, split_after(graph, "pool"), graph.outputs[0])
+    reason = network.head_supported(graph, split_after(graph, "pool"), graph.outputs[0], VECTOR)
     assert reason is not None and "keras.ops" in reason
 
 
@@ -375,4 +391,4 @@ def test_label_count_must_match(tmp_path: Path) -> None:
     K = factory.keras_module("k3")
     graph = read_model(save_tiny(tmp_path / "logits.h5", "k3", _logits(K, "k3", 3), True))
     with pytest.raises(ConversionError, match="2 labels"):
-        fast_head.build_head(graph, split_after(graph, "pool"), ["a", "b"], [1, 8])
+        network.build_head(graph, split_after(graph, "pool"), ["a", "b"], [1, 8], VECTOR)
