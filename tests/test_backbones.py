@@ -139,6 +139,20 @@ def _arithmetic(K, x):
     return K.layers.Average()([x, y, y])
 
 
+def _arithmetic_calls(K, x):
+    """The arithmetic functions that operators do not write: tf.math.add / divide in tf_keras,
+    keras.ops.add / divide / true_divide in Keras 3."""
+    x = K.layers.Conv2D(4, 3, padding="same", name="conv")(x)
+    y = K.layers.Conv2D(4, 1, name="conv2")(x)
+    if K.__name__.startswith("tf_keras"):
+        from convert.heavy import tensorflow
+
+        tf = tensorflow()
+        return tf.math.divide(tf.math.add(x, y), 2.0)
+    ops = K.ops
+    return ops.true_divide(ops.divide(ops.add(x, y), 2.0), 4.0)
+
+
 def _flat_tail(K, x):
     x = K.layers.Conv2D(3, 3, strides=2, name="conv")(x)  # 6x6x3: Flatten order shows
     x = K.layers.Flatten()(x)
@@ -160,6 +174,7 @@ CONSTRUCTS: dict[str, Callable[[Any, Any], Any]] = {
     "concat_axes": _concat_axes,
     "rescale_normalise": _rescale_normalise,
     "arithmetic": _arithmetic,
+    "arithmetic_calls": _arithmetic_calls,
     "flat_tail": _flat_tail,
 }
 

@@ -107,12 +107,47 @@ def _logits(K: Any, flavour: str, n: int) -> list[Any]:
     ]
 
 
+def _identities(K: Any, flavour: str, n: int) -> list[Any]:
+    """Every layer that is the identity at inference, each at a rank it takes."""
+    return [
+        K.layers.RandomFlip(name="flip"),
+        K.layers.RandomRotation(0.1, name="rotation"),
+        K.layers.RandomZoom(0.1, name="zoom"),
+        K.layers.RandomTranslation(0.1, 0.1, name="translation"),
+        K.layers.RandomContrast(0.2, name="contrast"),
+        # Keras 3.15 cannot write RandomBrightness to HDF5 ("cannot pickle 'module' object")
+        *([K.layers.RandomBrightness(0.2, name="brightness")] if flavour == "k2" else []),
+        K.layers.Identity(name="identity"),
+        K.layers.Reshape((16, 8), name="to_sequence"),
+        K.layers.SpatialDropout1D(0.2, name="spatial_drop_1d"),
+        K.layers.Reshape((4, 2, 2, 8), name="to_volume"),
+        K.layers.SpatialDropout3D(0.2, name="spatial_drop_3d"),
+        K.layers.GlobalAveragePooling3D(name="gap_3d"),
+        K.layers.Dense(n, activation="softmax", name="predictions"),
+    ]
+
+
+def _pool_ranks(K: Any, flavour: str, n: int) -> list[Any]:
+    """Global pooling over one and three axes, with and without keepdims."""
+    return [
+        K.layers.Reshape((16, 8), name="to_sequence"),
+        K.layers.GlobalMaxPooling1D(keepdims=True, name="gmp_1d"),
+        K.layers.Reshape((1, 1, 1, 8), name="to_volume"),
+        K.layers.GlobalMaxPooling3D(keepdims=True, name="gmp_3d"),
+        K.layers.Reshape((2, 4), name="to_pairs"),
+        K.layers.GlobalAveragePooling1D(name="gap_1d"),
+        K.layers.Dense(n, activation="softmax", name="predictions"),
+    ]
+
+
 HEADS: dict[str, tuple[bool, Head]] = {  # name -> (split after pooling?, head)
     "mlp": (True, _mlp),
     "pooling": (False, _pooling),
     "shapes": (False, _shapes),
     "activations": (True, _activations),
     "logits": (True, _logits),
+    "identities": (False, _identities),
+    "pool_ranks": (False, _pool_ranks),
 }
 
 

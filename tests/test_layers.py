@@ -22,9 +22,12 @@ from convert.read.h5 import read_model
 
 FLAVOURS = ("k2", "k3")
 # Keys one Keras never writes: tf_keras saves arithmetic as TFOpLambda functions, Keras 3 as
-# keras.ops calls; Keras 3 alone has an Identity layer.
-ONLY_K2 = {key for key in REGISTRY if key.startswith("tf.")}
-ONLY_K3 = {key for key in REGISTRY if key.startswith("ops.")} | {"Identity"}
+# keras.ops calls; Keras 3.15 cannot save RandomBrightness to HDF5.
+ONLY_K2 = {key for key in REGISTRY if key.startswith("tf.")} | {"RandomBrightness"}
+ONLY_K3 = {key for key in REGISTRY if key.startswith("ops.")}
+# tf.math.divide(x, y) computes x / y, so tf_keras 2.21 saves it as math.truediv; files from
+# other TensorFlow versions may name it, and it is the same translation as tf.math.truediv.
+NOT_WRITTEN_TODAY = {"tf.math.divide"}
 
 
 def _keys(path) -> set[str]:
@@ -51,7 +54,7 @@ def exercised(saved) -> dict[str, dict[str, set[str]]]:
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_every_translation_is_exercised_by_a_parity_test(exercised, flavour: str) -> None:
-    skip = ONLY_K3 if flavour == "k2" else ONLY_K2
+    skip = (ONLY_K3 if flavour == "k2" else ONLY_K2) | NOT_WRITTEN_TODAY
     missing = sorted(set(REGISTRY) - skip - set(exercised[flavour]))
     assert not missing, f"registered but in no construct or head of {flavour}: {missing}"
 
