@@ -29,8 +29,10 @@ verify: $(STAMP)
 plan: $(STAMP)
 	$(BIN)/coreml-split plan $(MODELS)
 
+# Two workers on the 2-core machines; tests that share a fixture share a worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff format convert scripts tests

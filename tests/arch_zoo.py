@@ -276,7 +276,7 @@ def save_arch_classifier(
 
 def load_classifier(path: str | Path) -> Any:
     """Load a saved classifier with the Keras that wrote it, as coreml-split does (including its
-    repair of Keras 3 files that Keras 3 cannot reload, see convert/keras_exec.py)."""
+    repair of Keras 3 files that Keras 3 cannot reload, see convert/check/keras_model.py)."""
     from convert.check.keras_model import load_keras_model
     from convert.read.h5 import read_model
 

@@ -31,6 +31,17 @@ def built(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, in
     return out, main(["convert", str(zoo), "--out", str(out), "--quiet"])
 
 
+@pytest.fixture(scope="session")
+def demo_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The demo zoo ``make convert`` builds (scripts/make_demo_zoo.py), built once: (folder,
+    what the script printed)."""
+    import zoos
+
+    models = tmp_path_factory.mktemp("demo") / "models"
+    models.mkdir()
+    return models, zoos.demo(models)
+
+
 class SavedModels:
     """Small Keras files saved once per session and shared by the tests that read them."""
 
@@ -48,3 +59,22 @@ class SavedModels:
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModels:
     return SavedModels(tmp_path_factory.mktemp("saved"))
+
+
+# Modules that share a session fixture run on one worker under pytest-xdist (make test runs
+# two), so that the fixture is built once; every other module is a group of its own, and the
+# architecture sweep is one group per architecture (its parameters carry the mark).
+SHARED_GROUPS = {
+    "test_backbones": "saved-models",
+    "test_heads": "saved-models",
+    "test_layers": "saved-models",
+    "test_demo_zoo": "demo-zoo",
+    "test_factory": "demo-zoo",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__ if item.module is not None else item.nodeid
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))

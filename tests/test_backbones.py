@@ -16,6 +16,7 @@ part of the cache key and of the report.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -287,15 +288,20 @@ def _convert_in_subprocess(zoo: Path, out: Path, *extra: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_covered_zoo_converts_without_tensorflow(zoo: Path, tmp_path: Path) -> None:
+def test_covered_zoo_converts_without_tensorflow(zoo: Path, built, tmp_path: Path) -> None:
     """The session zoo (MobileNetV2 backbones, Dense heads): every backbone built from the
-    weights, no TensorFlow imported, and the pipelines still verify against Keras."""
+    weights, no TensorFlow imported, and the files are byte for byte those of the session build,
+    whose pipelines test_verify.py verifies against Keras."""
     out = tmp_path / "out"
     ran = _convert_in_subprocess(zoo, out)
     assert ran == {"rc": 0, "tensorflow": False, "keras": False}
     report = json.loads((out / "report.json").read_text())
     assert report["backbones"] and {b["builder"] for b in report["backbones"]} == {"direct"}
-    assert main(["verify", str(out), "--quiet"]) == 0
+    session, code = built
+    assert code == 0
+    files = sorted(p.name for p in out.glob("*.mlmodel"))
+    assert files == sorted(p.name for p in session.glob("*.mlmodel"))
+    assert [f for f in files if (out / f).read_bytes() != (session / f).read_bytes()] == []
 
 
 def test_standalone_model_built_directly(tmp_path: Path) -> None:
@@ -315,10 +321,12 @@ def test_standalone_model_built_directly(tmp_path: Path) -> None:
     assert main(["verify", str(out), "--quiet"]) == 0
 
 
-def test_builder_is_part_of_the_recipe(zoo: Path, tmp_path: Path) -> None:
+def test_builder_is_part_of_the_recipe(zoo: Path, built, tmp_path: Path) -> None:
     """Switching --backbone-converter rewrites the backbones (and says so in the report);
-    switching back rewrites them again, byte-identical to the first build."""
+    switching back rewrites them again, byte-identical to the first build (the session build,
+    copied with its cache: the first "auto" finds nothing stale)."""
     out = tmp_path / "out"
+    shutil.copytree(built[0], out)
     backbone_bytes = {}
     for converter in ("auto", "coremltools", "auto"):
         assert (

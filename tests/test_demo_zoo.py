@@ -8,7 +8,6 @@ from pathlib import Path
 
 import digests
 import pytest
-import zoos
 
 from convert.cli import main
 
@@ -16,10 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_zoo_converts_and_verifies(tmp_path: Path) -> None:
-    models, out = tmp_path / "models", tmp_path / "build"
-    models.mkdir()
-    zoos.demo(models)  # scripts/make_demo_zoo.py, as make convert runs it
+def test_demo_zoo_converts_and_verifies(demo_zoo, tmp_path: Path) -> None:
+    models, out = demo_zoo[0], tmp_path / "build"
     images = models / "demo-images"
     rc = main(
         ["convert", str(models), "--out", str(out), "--quiet", "--verify", "--images", str(images)]

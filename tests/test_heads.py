@@ -26,7 +26,8 @@ from convert.plan.types import ModelPlan
 from convert.read.graph import Graph
 from convert.read.h5 import load_weight, read_model
 
-TOLERANCE = 1e-5  # max |difference| of the probabilities, fast head vs ct.convert and Keras
+# max |difference| of the probabilities, head from the weights vs ct.convert and Keras
+TOLERANCE = 1e-5
 BATCH = 6
 FLAVOURS = ["k2", "k3"]
 
@@ -245,7 +246,7 @@ def check_head(graph: Graph, plan: ModelPlan, seed: int = 0) -> dict[str, float]
     assert network.head_supported(graph, split, output, VECTOR) is None
     shape = specs.feature_shape(graph, split)
     fast = network.build_head(graph, split, plan.labels, shape, VECTOR)
-    assert validate_spec(fast, "fast head", strict_types=True) == []
+    assert validate_spec(fast, "head from the weights", strict_types=True) == []
     assert specs.serialise(fast) == specs.serialise(
         network.build_head(graph, split, plan.labels, shape, VECTOR)
     )
@@ -302,8 +303,8 @@ def test_tiny_heads_match_ct_convert_and_keras(saved, flavour: str, name: str) -
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_elu_alpha_matches_ct_convert_and_keras(tmp_path: Path, flavour: str) -> None:
-    """ELU(alpha != 1): ct.convert lowers it to a select (whereBroadcastable), the fast head to
-    Core ML's ELU layer."""
+    """ELU(alpha != 1): ct.convert lowers it to a select (whereBroadcastable), the head built
+    from the weights to Core ML's ELU layer."""
     K = factory.keras_module(flavour)
     head = [
         K.layers.Dense(6, name="hidden"),

@@ -245,15 +245,17 @@ def manifest(zoo: Path, session_zoo: Path) -> None:
 # -- the demo zoo (make convert, tests/test_demo_zoo.py) -----------------------------------------
 
 
-def demo(zoo: Path) -> None:
-    """``scripts/make_demo_zoo.py``, as ``make convert`` runs it."""
+def demo(zoo: Path) -> str:
+    """``scripts/make_demo_zoo.py``, as ``make convert`` runs it; returns what it printed."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_demo_zoo.py"), str(zoo)],
         capture_output=True,
         text=True,
         check=False,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 # -- what the suite converts ---------------------------------------------------------------------

@@ -1,0 +1,358 @@
+"""Doing one job: a group's backbone (from the cache, from the weights, or with ct.convert), then
+each stale member's head and pipeline; or one standalone classifier.
+
+A file that fails costs only that classifier; a backbone that cannot be built costs its group,
+and every member is told why.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from convert.build import ct_convert, network
+from convert.build import pipeline as pipelines
+from convert.build import spec as specs
+from convert.build.cache import Cache
+from convert.build.jobs import DIRECT, Job, JobResult, Progress, head_layout
+from convert.errors import SplitError
+from convert.files import file_sha256
+from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan
+from convert.read.families import PREPROCESSING
+from convert.read.graph import Graph
+from convert.read.labels import complete_labels
+from convert.read.manifest import ModelSettings
+from convert.report import ClassifierReport
+
+
+def run_job(job: Job, say: Progress) -> JobResult:
+    """Carry out one job (in a worker process or here)."""
+    if job.tensorflow_free:
+        from convert.heavy import forgo_tensorflow
+
+        forgo_tensorflow()
+    return _standalone_job(job, say) if job.group is None else _group_job(job, say)
+
+
+def _load(graph: Graph, plan: ModelPlan):
+    """Load the Keras model; settle labels the file's static shapes could not check."""
+    from convert.check.keras_model import layer_objects, load_keras_model, output_size
+
+    model = load_keras_model(graph)
+    if not plan.output_size_known:
+        plan.labels = complete_labels(
+            Path(plan.source), plan.labels, plan.labels_source, output_size(model, graph)
+        )
+        plan.output_size_known = True
+    return model, layer_objects(model, graph)
+
+
+def _release() -> None:
+    """Drop Keras' global state between models so memory does not grow with the zoo."""
+    import sys
+
+    from convert.heavy import keras
+
+    if "keras" in sys.modules:
+        keras(3).backend.clear_session()
+    if "tf_keras" in sys.modules:
+        keras(2).backend.clear_session()
+    gc.collect()
+
+
+class _Objects:
+    """Loaded Keras layer objects for one model, loaded on first use."""
+
+    def __init__(self, graph: Graph, model: ModelPlan) -> None:
+        self.graph, self.model, self._objects = graph, model, None
+
+    def get(self):
+        if self._objects is None:
+            _keras_model, self._objects = _load(self.graph, self.model)
+        return self._objects
+
+    @property
+    def loaded(self) -> bool:
+        return self._objects is not None
+
+
+def _group_job(job: Job, say: Progress) -> JobResult:
+    """The backbone (from the cache, built from the weights, or converted with ct.convert from
+    the first member whose file loads), then the heads and pipelines of the stale members.
+
+    A file that fails to load or whose head fails costs only that classifier. A backbone that
+    coremltools cannot convert costs the whole group, and every member is told why.
+    """
+    group = job.group
+    assert group is not None
+    result = JobResult()
+    cache = Cache(job.out)
+    backbone_file = f"{group.id}.mlmodel"
+    key = job.recipes[backbone_file]
+    backbone = _cached_spec(cache, key)
+    loaded: dict[str, _Objects] = {}
+    if backbone is None:
+        failure = None
+        if job.backbone_builder == DIRECT:
+            backbone = _direct_backbone(job, result, say)
+        else:
+            backbone, failure = _converted_backbone(job, result, loaded, say)
+        if backbone is None:
+            reported = {e.file for e in result.errors}
+            for model in job.models:
+                if model.source in reported:
+                    continue  # its own file failed to load: already said
+                if failure is not None and str(failure.path) == model.source:
+                    result.errors.append(ErrorEntry(model.source, failure.reason))
+                else:
+                    reason = failure.reason if failure else "no member file loads"
+                    result.errors.append(
+                        ErrorEntry(
+                            model.source,
+                            f"not converted: its shared backbone {group.id} failed to convert "
+                            f"({reason})",
+                        )
+                    )
+            _release()
+            return result
+        specs.name_features(backbone, image=job.input_name)
+        _describe_backbone(backbone, group, job.backbone_settings)
+        cache.put(key, specs.serialise(backbone))
+    if job.write_backbone:
+        size = specs.write_spec(job.out / backbone_file, backbone, job.models[0].source)
+        result.written[backbone_file] = {"file": backbone_file, "bytes": size}
+    shared = _Shared(backbone, backbone_file, _sha_of(job.out / backbone_file))
+    for model in job.models:
+        if model.name not in job.stale:
+            continue
+        started = time.perf_counter()
+        objects = loaded.get(model.name) or _Objects(job.graphs[model.name], model)
+        try:
+            head = _head(objects, model)
+            file = f"{model.name}.mlmodel"
+            row = _emit_pipeline(model, group, shared, head, job, file)
+            result.written[file] = row
+            say(f"{model.name}: head and pipeline in {_duration(time.perf_counter() - started)}")
+        except SplitError as exc:
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+        finally:
+            if objects.loaded:
+                _release()
+    return result
+
+
+def _converted_backbone(job: Job, result: JobResult, loaded: dict[str, _Objects], say: Progress):
+    """(backbone, None) converted with ct.convert from the first member whose file loads, or
+    (None, the coremltools failure) - or (None, None) if no member loads."""
+    group = job.group
+    assert group is not None
+    say(f"{group.id}: converting the backbone with coremltools")
+    for model in job.models:
+        objects = _Objects(job.graphs[model.name], model)
+        try:
+            keras_layers = objects.get()
+        except SplitError as exc:  # this file does not load; another member's may
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+            continue
+        try:
+            backbone = ct_convert.convert_backbone(objects.graph, keras_layers, model, group)
+        except SplitError as exc:  # coremltools failed: no member will do
+            return None, exc
+        loaded[model.name] = objects
+        return backbone, None
+    return None, None
+
+
+def _direct_backbone(job: Job, result: JobResult, say: Progress):
+    """The backbone built from the weights of the first member whose file reads; None (with
+    every member told why) if none does."""
+    group = job.group
+    assert group is not None
+    started = time.perf_counter()
+    for model in job.models:
+        assert model.split_tensor is not None
+        try:
+            spec = network.build_backbone(
+                job.graphs[model.name],
+                model.split_tensor,
+                PREPROCESSING[group.preprocessing],
+                model.input_shape,
+            )
+        except SplitError as exc:  # this file's weights do not read; another member's may
+            result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+            continue
+        say(
+            f"{group.id}: backbone built from the weights in "
+            f"{_duration(time.perf_counter() - started)}"
+        )
+        return spec
+    return None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _cached_spec(cache: Cache, key: str):
+    data = cache.get(key)
+    if data is None:
+        return None
+    Model_pb2, _ = specs.protos()
+    return Model_pb2.Model.FromString(data)
+
+
+def _sha_of(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return ""
+
+
+def _head(objects: _Objects, model: ModelPlan):
+    """The head spec: built straight from the weights when its layers allow, else converted."""
+    graph = objects.graph
+    assert model.split_tensor is not None
+    layout = head_layout(graph, model)
+    if layout is None:
+        return ct_convert.convert_head(graph, objects.get(), model)
+    shape = specs.feature_shape(graph, model.split_tensor)
+    return network.build_head(graph, model.split_tensor, list(model.labels), shape, layout)
+
+
+def _describe_backbone(backbone, group: GroupPlan, settings: ModelSettings) -> None:
+    specs.describe(
+        backbone,
+        f"{group.family} backbone, split after {group.split_layer}; shared by coreml-split "
+        "pipelines",
+        {
+            "role": "backbone",
+            "fingerprint": group.fingerprint,
+            "preprocessing": group.preprocessing,
+        },
+        PREPROCESSING[group.preprocessing],
+        author=settings.author,
+        license=settings.license,
+        version=settings.version,
+    )
+
+
+class _Shared:
+    """A group's backbone spec, its file and that file's SHA-256; its layers' size in bytes is
+    measured once, on first use."""
+
+    def __init__(self, spec: Any, file: str, sha256: str) -> None:
+        self.spec, self.file, self.sha256 = spec, file, sha256
+        self._layer_bytes: int | None = None
+
+    @property
+    def layer_bytes(self) -> int:
+        if self._layer_bytes is None:
+            self._layer_bytes = pipelines.layers_size(self.spec)
+        return self._layer_bytes
+
+
+def _emit_pipeline(
+    model: ModelPlan, group: GroupPlan, shared: _Shared, head, job: Job, file: str
+) -> dict[str, Any]:
+    backbone, backbone_file, backbone_sha = shared.spec, shared.file, shared.sha256
+    settings = job.settings[model.name]
+    pre = PREPROCESSING[model.preprocessing]
+    user = _source_metadata(model, settings, job.sha256[model.name]) | {"role": "head"}
+    specs.name_features(head, label=settings.label_name, probs=settings.probabilities_name)
+    specs.describe(head, f"{model.name} head ({model.num_classes} classes)", user, None)
+    stub = pipelines.make_stub(backbone, backbone_file)
+    pipeline = pipelines.make_pipeline(stub, head)
+    title = settings.display_name or model.name
+    specs.describe(
+        pipeline,
+        settings.description
+        or f"{title}: {model.num_classes}-class image classifier on the shared {group.family} "
+        f"backbone {pipelines.compiled_name(backbone_file)}",
+        user
+        | {
+            "role": "pipeline",
+            "backbone": backbone_file,
+            "backbone_fingerprint": group.fingerprint,
+            "backbone_sha256": backbone_sha,
+            "split_layer": model.split_layer or "",
+        },
+        pre,
+        author=settings.author,
+        license=settings.license,
+        version=settings.version,
+    )
+    merged = pipelines.merge_standalone(backbone, head, backbone_layers=False)
+    specs.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
+    one_by_one = pipelines.standalone_size(merged, shared.layer_bytes)
+    size = specs.write_spec(job.out / file, pipeline, Path(model.source))
+    return asdict(_classifier_report(model, group.id, file, size, head.ByteSize(), one_by_one))
+
+
+def _source_metadata(model: ModelPlan, settings: ModelSettings, sha256: str) -> dict[str, str]:
+    source = Path(model.source)
+    user = {
+        "source": source.name,
+        "source_sha256": sha256,
+        "labels": specs.labels_metadata(model.labels),
+    }
+    if settings.display_name:
+        user["display_name"] = settings.display_name
+    return user
+
+
+def _classifier_report(
+    model: ModelPlan, group: str | None, file: str, size: int, head: int, standalone: int
+) -> ClassifierReport:
+    return ClassifierReport(
+        name=model.name,
+        source=model.source,
+        group=group,
+        file=file,
+        bytes=size,
+        head_bytes=head,
+        standalone_bytes=standalone,
+        classes=model.num_classes,
+        labels=list(model.labels),
+        preprocessing=model.preprocessing,
+    )
+
+
+def _standalone_job(job: Job, say: Progress) -> JobResult:
+    model = job.models[0]
+    settings = job.settings[model.name]
+    result = JobResult()
+    how = "building from the weights" if job.backbone_builder == DIRECT else "converting"
+    say(f"{model.name}: {how} standalone ({model.standalone_reason})")
+    try:
+        graph = job.graphs[model.name]
+        if job.backbone_builder == DIRECT:
+            pre = PREPROCESSING[model.preprocessing]
+            spec = network.build_classifier(graph, model.labels, pre, model.input_shape)
+        else:
+            _keras_model, objects = _load(graph, model)
+            spec = ct_convert.convert_standalone(graph, objects, model)
+        specs.name_features(
+            spec, settings.input_name, settings.label_name, settings.probabilities_name
+        )
+        title = settings.display_name or model.name
+        specs.describe(
+            spec,
+            settings.description
+            or f"{title}: {model.num_classes}-class image classifier (standalone)",
+            _source_metadata(model, settings, job.sha256[model.name]) | {"role": "standalone"},
+            PREPROCESSING[model.preprocessing],
+            author=settings.author,
+            license=settings.license,
+            version=settings.version,
+        )
+        file = f"{model.name}.mlmodel"
+        size = specs.write_spec(job.out / file, spec, Path(model.source))
+        result.written[file] = asdict(_classifier_report(model, None, file, size, size, size))
+    except SplitError as exc:
+        result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+    finally:
+        _release()
+    return result
