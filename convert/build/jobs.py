@@ -21,17 +21,9 @@ from convert.read.manifest import Manifest, ModelSettings
 from convert.read.sources import SourceCache
 
 Progress = Callable[[str], None]
-
-
 DEFAULT_JOBS = 2
-
-
 DIRECT = "direct"  # built layer by layer from the .h5 weights (convert/build/network.py)
-
-
 COREMLTOOLS = "coremltools"  # traced through TensorFlow and converted with ct.convert
-
-
 BACKBONE_CONVERTERS = ("auto", COREMLTOOLS)
 
 

@@ -165,7 +165,7 @@ def _network(
         if out.name in (IMAGE, FEATURES) or e.layers == 0:  # Core ML needs a layer
             e.use(out)
             out = e.add(
-                "output/copy",
+                "identity" if layout == VECTOR else "output/copy",  # as each was first named
                 out.shape,
                 lambda n, x: builder.add_activation(n, "LINEAR", x, n, params=[1.0, 0.0]),
             )
