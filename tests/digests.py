@@ -7,7 +7,7 @@ when a change to the bytes is meant. :func:`check` compares a fixture's outputs 
 The outputs can only be compared where the fixture's Keras files are the ones recorded: they are
 built with TensorFlow, whose float arithmetic may differ on another kind of CPU. Where they
 differ, the comparison is skipped and says so. Files that ``ct.convert`` wrote may differ in
-the names coremltools gives its constants (see :func:`canonical`); those are compared without
+the names coremltools gives its layers (see :func:`canonical`); those are compared without
 them.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +61,12 @@ def check(key: str, zoo: Path, out: Path) -> None:
     # the rest differ only in coremltools' generated names (and the backbone hash that follows)
 
 
-# coremltools names the constants it makes ``const_<n>`` from a counter whose value, for a few
-# networks (ResNet50V2, NASNetMobile), differs from one process to the next: ct.convert gives
-# the same network with other constant names, and the pipelines then carry another backbone
-# SHA-256. Those outputs are compared in a canonical form, names in order of appearance and
-# that hash left out; every other output byte for byte.
-_GENERATED = re.compile(r"^const_\d+$")
+# ct.convert names the layers it makes (``const_35``, ``reshape_162``) from counters whose values,
+# for a few networks (ResNet50V2, NASNetMobile), differ from one process to the next: the same
+# network comes out with other layer names, and its pipelines then carry another backbone
+# SHA-256. Those outputs are compared in a canonical form: every layer and internal blob renamed
+# in order of first appearance, that hash left out. Everything else, weights included, must be
+# the same; and every output whose bytes match is compared byte for byte.
 _BACKBONE_SHA = "coreml-split.backbone_sha256"
 
 
@@ -81,25 +80,36 @@ def _networks(spec: Any) -> list[Any]:
 
 
 def canonical(path: Path) -> str:
-    """The SHA-256 of ``path``'s spec with coremltools' generated constant names renumbered
-    and the backbone hash of a pipeline left out."""
+    """The SHA-256 of ``path``'s spec with its layers and internal blobs renamed in order of
+    appearance and the backbone hash of a pipeline left out."""
     from coremltools.proto import Model_pb2
 
     spec = Model_pb2.Model.FromString(path.read_bytes())
+    for network, features in zip(_networks(spec), _interfaces(spec)):
+        _rename_in_order(network, features)
+    spec.description.metadata.userDefined.pop(_BACKBONE_SHA, None)
+    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _rename_in_order(network: Any, keep: set[str]) -> None:
     names: dict[str, str] = {}
 
     def rename(name: str) -> str:
-        if not _GENERATED.match(name):
-            return name
-        return names.setdefault(name, f"const#{len(names)}")
+        return name if name in keep else names.setdefault(name, f"#{len(names)}")
 
-    for network in _networks(spec):
-        for layer in network.layers:
-            layer.name = rename(layer.name)
-            for field in (layer.input, layer.output):
-                field[:] = [rename(n) for n in field]
-    spec.description.metadata.userDefined.pop(_BACKBONE_SHA, None)
-    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+    for layer in network.layers:
+        layer.name = rename(layer.name)
+        for field in (layer.input, layer.output):
+            field[:] = [rename(n) for n in field]
+
+
+def _interfaces(spec: Any) -> list[set[str]]:
+    """Per network of :func:`_networks`, the feature names it must keep."""
+    kind = spec.WhichOneof("Type")
+    if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):
+        return [f for m in getattr(spec, kind).pipeline.models for f in _interfaces(m)]
+    d = spec.description
+    return [{f.name for f in [*d.input, *d.output]}]
 
 
 def canonical_outputs(out: Path) -> dict[str, str]:

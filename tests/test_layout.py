@@ -47,6 +47,42 @@ def modules(root: Path) -> dict[str, Path]:
     return {module_name(root, p): p for p in sorted(root.rglob("*.py"))}
 
 
+def defined(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments, imports)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                elements = target.elts if isinstance(target, ast.Tuple) else [target]
+                names.update(t.id for t in elements if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def missing(path: Path, mods: dict[str, Path]) -> list[str]:
+    """``from <package module> import x`` where x is neither a module of the package nor a
+    name the module defines: the import would fail, or find a stale copy installed elsewhere."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module in mods:
+            names = defined(mods[node.module])
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                if alias.name != "*" and child not in mods and alias.name not in names:
+                    out.append(f"{node.module} has no module or name {alias.name}")
+        if isinstance(node, ast.Import):
+            top = {m.split(".")[0] for m in mods}
+            for alias in node.names:
+                if alias.name.split(".")[0] in top and alias.name not in mods:
+                    out.append(f"no module {alias.name}")
+    return out
+
+
 def imports(path: Path, name: str, known: set[str]) -> set[str]:
     """Every module ``path`` imports, at the top or inside a function: package modules resolved
     to the module file they name (``from convert.build import spec`` is convert.build.spec),
@@ -90,6 +126,7 @@ def problems(root: Path) -> list[str]:
         here = part_of(name, top) if name != top else "__init__"
         if name.count(".") == 1 and path.parent == root and stem not in TOP:
             out.append(f"{rel}: only {', '.join(sorted(TOP))} stand at the top; move it to a stage")
+        out.extend(f"{rel}: {line}" for line in missing(path, mods))
         deps = imports(path, name, known)
         graph[name] = {d for d in deps if d in known}
         allowed = ALLOWED.get(here)
@@ -149,6 +186,20 @@ def test_the_package_keeps_its_layout() -> None:
     assert problems(PACKAGE) == []
 
 
+def test_the_tests_and_scripts_import_only_what_exists() -> None:
+    """A test or script that imports a module the package no longer has must fail here, not
+    find an old copy of the package installed elsewhere."""
+    mods = modules(PACKAGE)
+    root = PACKAGE.parent
+    found = [
+        f"{path.relative_to(root)}: {line}"
+        for folder in ("tests", "scripts")
+        for path in sorted((root / folder).glob("*.py"))
+        for line in missing(path, mods)
+    ]
+    assert found == []
+
+
 def test_every_stage_has_its_folder() -> None:
     for stage in STAGES:
         assert (PACKAGE / stage / "__init__.py").is_file(), stage
@@ -189,6 +240,10 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"build/fast_head.py": ""}, "no module is named fast_*"),
         ({"emit.py": ""}, "emit.py: only"),
         (
+            {"check/verify.py": "from convert import reference\n"},
+            "convert has no module or name reference",
+        ),
+        (
             {
                 "build/a.py": "from convert.build import b\n",
                 "build/b.py": "import convert.build.a\n",
@@ -204,10 +259,10 @@ def test_a_broken_rule_is_named(tmp_path: Path, files: dict[str, str], expected:
 
 def test_a_well_formed_package_passes(tmp_path: Path) -> None:
     files = {
-        "read/h5.py": "import numpy\nfrom convert.errors import SplitError\n",
+        "read/h5.py": "import numpy\nfrom convert.errors import SplitError\n\n\ndef read_model(): ...\n",
         "plan/make.py": "from convert.read import h5\n",
         "build/network.py": "from convert.plan import make\nfrom convert.check import rules\n",
         "check/rules.py": "from convert.read.h5 import read_model\n",
-        "errors.py": "",
+        "errors.py": "class SplitError(Exception): ...\n",
     }
     assert problems(_package(tmp_path, files)) == []

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from convert import reference
+from convert.check import reference
 from convert.check.reference import LinkedModelNotFound, ReferenceError, UnsupportedLayer
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -113,7 +113,7 @@ def coreml_probabilities(
     pipeline: Path, images: np.ndarray, bundle_main: Path | None = None
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """(probabilities in label order, labels, linked files bound) from the reference evaluator."""
-    from convert import reference
+    from convert.check import reference
 
     model = reference.load(pipeline)
     image = model.spec.description.input[0].name  # "image" unless zoo.toml renamed it

@@ -3,7 +3,7 @@
 Core ML runs only on Apple platforms and coremltools cannot predict on Linux, so this package
 evaluates ``.mlmodel`` files itself, to check converted models against their Keras originals::
 
-    from convert import reference
+    from convert.check import reference
 
     model = reference.load("build/shapes.mlmodel")
     out = model.predict({"image": images})          # PIL image(s) or uint8 (N, H, W, 3)
