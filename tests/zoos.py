@@ -7,12 +7,14 @@ digests (:func:`digests.check`), so any change to the bytes the tool writes show
 test naming the file.
 
 Every recipe writes into an empty folder ``zoo`` and is deterministic: the same files, byte for
-byte, on every run on one machine.
+byte, on every run on one machine, whatever the process built before (each starts from a clean
+Keras state, so that names Keras makes up from its global counters do not depend on it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import shutil
@@ -21,6 +23,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +36,22 @@ def _keras(flavour: str = "k3"):
     return keras(3 if flavour == "k3" else 2)
 
 
+def fresh(recipe: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``recipe`` from a clean Keras state (both Kerases' sessions cleared)."""
+
+    @functools.wraps(recipe)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for flavour in ("k2", "k3"):
+            _keras(flavour).backend.clear_session()
+        return recipe(*args, **kwargs)
+
+    return run
+
+
 # -- the session zoo (tests/conftest.py) ---------------------------------------------------------
 
 
+@fresh
 def session(zoo: Path) -> None:
     """Five classifiers in two families of files, plus one with a single changed BN statistic.
 
@@ -58,6 +74,7 @@ def session(zoo: Path) -> None:
     (zoo / "perturbed.labels.txt").write_text((zoo / "nested_k3.labels.txt").read_text())
 
 
+@fresh
 def standalone(zoo: Path) -> None:
     """One classifier alone: it shares nothing and converts as one NeuralNetworkClassifier."""
     import factory
@@ -70,6 +87,7 @@ def standalone(zoo: Path) -> None:
 ARCH_CLASSIFIERS = {"first": (3, 1), "second": (4, 2)}  # name -> (classes, head seed)
 
 
+@fresh
 def arch(zoo: Path, name: str) -> None:
     """Two classifiers (3 and 4 classes) on one frozen keras.applications ``name`` backbone."""
     import arch_zoo
@@ -109,6 +127,7 @@ def _construct_classifier(path: Path, flavour: str, n_classes: int, head_seed: i
     K.backend.clear_session()
 
 
+@fresh
 def constructs(zoo: Path, flavour: str) -> None:
     """Grouped convolutions, LayerNormalization, GELU, residual adds and arithmetic on
     constants, twice on one backbone, saved by ``flavour`` ("k2" tf_keras, "k3" Keras 3)."""
@@ -159,6 +178,7 @@ def _fine_tune(base, seed: int) -> None:
             )
 
 
+@fresh
 def fine_tuned(zoo: Path) -> None:
     """Four MobileNetV2 classifiers: two on the frozen backbone, two with its last block (and
     last convolution) fine-tuned, each differently."""
@@ -174,6 +194,7 @@ def fine_tuned(zoo: Path) -> None:
     _keras().backend.clear_session()
 
 
+@fresh
 def two_families(zoo: Path) -> None:
     """Two classifiers on a MobileNetV2 and two on a MobileNet."""
     K = _keras()
