@@ -29,10 +29,11 @@ verify: $(STAMP)
 plan: $(STAMP)
 	$(BIN)/coreml-split plan $(MODELS)
 
-# Two workers on the 2-core machines; tests that share a fixture share a worker (tests/conftest.py).
+# Two workers on the 2-core machines, each taking whole test files (their module fixtures are
+# built once); TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff format convert scripts tests

@@ -59,23 +59,3 @@ class SavedModels:
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedModels:
     return SavedModels(tmp_path_factory.mktemp("saved"))
-
-
-# Modules that share a session fixture run on one worker under pytest-xdist (make test runs
-# two), so that the fixture is built once; every other module is a group of its own, and the
-# architecture sweep is one group per architecture (its parameters carry the mark).
-SHARED_GROUPS = {
-    "test_backbones": "saved-models",
-    "test_heads": "saved-models",
-    "test_layers": "saved-models",
-    "test_demo_zoo": "demo-zoo",
-    "test_factory": "demo-zoo",
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__ if item.module is not None else item.nodeid
-            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))

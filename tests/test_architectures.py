@@ -52,12 +52,7 @@ SLOW = {
 CLASSIFIERS = zoos.ARCH_CLASSIFIERS  # name -> (classes, head seed)
 
 ARCHS = [
-    pytest.param(
-        a,
-        marks=[pytest.mark.xdist_group(f"arch-{a}"), *([pytest.mark.slow] if a in SLOW else [])],
-        id=a,
-    )
-    for a in arch_zoo.ARCHS
+    pytest.param(a, marks=[pytest.mark.slow] if a in SLOW else [], id=a) for a in arch_zoo.ARCHS
 ]
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import digests
 import pytest
+import test_factory
 
 from convert.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -30,3 +29,22 @@ def test_demo_zoo_converts_and_verifies(demo_zoo, tmp_path: Path) -> None:
         assert result["passed"] and result["top1_agreement"] == 1.0, result
         assert result["images"] == len(list(images.glob("*.png")))
         assert result["bound"] == [backbone]
+
+
+@pytest.mark.slow
+def test_demo_zoo_script(demo_zoo):
+    out, printed = demo_zoo
+    files = sorted(p.name for p in out.glob("*.h5"))
+    assert len(files) >= 4
+    versions = {str(test_factory.attrs(out / f)["keras_version"])[0] for f in files}
+    assert versions == {"2", "3"}
+    reference = test_factory.backbone_datasets(out / files[0])
+    for f in files:
+        labels = (out / f).with_suffix(".labels.txt").read_text().splitlines()
+        assert len(labels) >= 2
+        other = test_factory.backbone_datasets(out / f)
+        assert other.keys() == reference.keys()
+        assert all(other[k].tobytes() == reference[k].tobytes() for k in reference), f
+    expected = json.loads((out / "demo-images" / "expected.json").read_text())
+    assert len(list((out / "demo-images").glob("*.png"))) == len(expected) >= 8
+    assert "train accuracy" in printed or "train acc" in printed

@@ -233,22 +233,3 @@ def test_demo_zoo_refuses_a_folder_with_h5(tmp_path, capsys):
     (tmp_path / "mine.h5").write_bytes(b"")
     assert factory.zoo.main([str(tmp_path)]) == 2
     assert "--force" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_zoo_script(demo_zoo):
-    out, printed = demo_zoo
-    files = sorted(p.name for p in out.glob("*.h5"))
-    assert len(files) >= 4
-    versions = {str(attrs(out / f)["keras_version"])[0] for f in files}
-    assert versions == {"2", "3"}
-    reference = backbone_datasets(out / files[0])
-    for f in files:
-        labels = (out / f).with_suffix(".labels.txt").read_text().splitlines()
-        assert len(labels) >= 2
-        other = backbone_datasets(out / f)
-        assert other.keys() == reference.keys()
-        assert all(other[k].tobytes() == reference[k].tobytes() for k in reference), f
-    expected = json.loads((out / "demo-images" / "expected.json").read_text())
-    assert len(list((out / "demo-images").glob("*.png"))) == len(expected) >= 8
-    assert "train accuracy" in printed or "train acc" in printed

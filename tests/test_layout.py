@@ -259,7 +259,7 @@ def test_a_broken_rule_is_named(tmp_path: Path, files: dict[str, str], expected:
 
 def test_a_well_formed_package_passes(tmp_path: Path) -> None:
     files = {
-        "read/h5.py": "import numpy\nfrom convert.errors import SplitError\n\n\ndef read_model(): ...\n",
+        "read/h5.py": "from convert.errors import SplitError\ndef read_model(): ...\n",
         "plan/make.py": "from convert.read import h5\n",
         "build/network.py": "from convert.plan import make\nfrom convert.check import rules\n",
         "check/rules.py": "from convert.read.h5 import read_model\n",
