@@ -5,8 +5,9 @@ refactor promised byte-identical output), and is rewritten by ``tests/record_dig
 when a change to the bytes is meant. :func:`check` compares a fixture's outputs with it.
 
 The outputs can only be compared where the fixture's Keras files are the ones recorded: they are
-built with TensorFlow, whose float arithmetic may differ on another kind of CPU. Where they
-differ, the comparison is skipped and says so. Files that ``ct.convert`` wrote may differ in
+built with TensorFlow, whose float arithmetic may differ on another kind of CPU (and, measured
+for the EfficientNet zoos' BatchNorm calibration, between two processes that run at once). Where
+they differ, the comparison is skipped and says so. Files that ``ct.convert`` wrote may differ in
 the names coremltools gives its layers (see :func:`canonical`); those are compared without
 them.
 """
@@ -49,7 +50,10 @@ def check(key: str, zoo: Path, out: Path) -> None:
     assert key in recorded, f"no digests recorded for {key}: run tests/record_digests.py"
     want = recorded[key]
     if inputs(zoo) != want["inputs"]:
-        pytest.skip(f"{key}: the Keras files differ from the recorded ones (another CPU?)")
+        pytest.skip(
+            f"{key}: the Keras files differ from the recorded ones (TensorFlow built them with"
+            " other float sums: another CPU, or for EfficientNet another load on this one)"
+        )
     got = outputs(out)
     if got == want["outputs"]:
         return

@@ -10,7 +10,8 @@ Keras on the same images.
 Each zoo is built and converted once: a module-scoped fixture, parametrised by architecture
 with one parameter list shared by every test, so that pytest runs an architecture's tests
 together and deletes its files before the next one. Architectures that take more than about
-20 s to build and convert are marked ``slow``.
+20 s to build and convert are marked ``slow`` and swept by tests/test_architectures_slow.py,
+which runs these same tests on them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ CLASSIFIERS = zoos.ARCH_CLASSIFIERS  # name -> (classes, head seed)
 ARCHS = [
     pytest.param(a, marks=[pytest.mark.slow] if a in SLOW else [], id=a) for a in arch_zoo.ARCHS
 ]
+# The architectures this file sweeps; tests/test_architectures_slow.py sweeps the SLOW ones with
+# the same tests, so that two test workers share the sweep.
+SWEEP = [p for p in ARCHS if p.values[0] not in SLOW]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that takes ``run`` runs once per architecture of its module's SWEEP."""
+    if "run" in metafunc.fixturenames:
+        metafunc.parametrize("run", metafunc.module.SWEEP, indirect=True)
 
 
 # Architectures whose backbone has a layer the layer registry (convert/build/layers/) does not
@@ -114,7 +124,6 @@ def _load_spec(path: Path):
 
 
 @pytest.mark.parametrize("converter", CONVERTERS)
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_convert(run: Run, converter: str) -> None:
     """One backbone and two valid pipelines, every file valid with strict types."""
     out = run.outs[converter]
@@ -136,13 +145,11 @@ def test_convert(run: Run, converter: str) -> None:
 
 
 @pytest.mark.parametrize("converter", CONVERTERS)
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_outputs_are_byte_identical_to_the_recorded_ones(run: Run, converter: str) -> None:
     assert run.exit_codes[converter] == 0, run.stderr[converter]
     digests.check(f"arch-{run.arch}-{converter}", run.zoo, run.outs[converter])
 
 
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_backbone_builder(run: Run) -> None:
     """ "auto" builds every backbone here from the weights but NOT_DIRECT's, and the report
     says which way each was made."""
@@ -153,7 +160,6 @@ def test_backbone_builder(run: Run) -> None:
         assert builders == [expected if converter == "auto" else "coremltools"], converter
 
 
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_plan_infers_family_and_preprocessing(run: Run) -> None:
     family, preprocessing = arch_zoo.FAMILIES[run.arch]
     plan, _ = make_plan(run.zoo)
@@ -200,7 +206,6 @@ def _layer_kinds(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("converter", CONVERTERS)
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_classifiers_match_keras(run: Run, converter: str) -> None:
     reference = pytest.importorskip("convert.check.reference")
     out = run.outs[converter]
@@ -223,7 +228,6 @@ def test_classifiers_match_keras(run: Run, converter: str) -> None:
         )
 
 
-@pytest.mark.parametrize("run", ARCHS, indirect=True)
 def test_direct_backbone_matches_coremltools(run: Run) -> None:
     """Where "auto" built the backbone from the weights, its features match ct.convert's
     backbone on the same images (both run by the evaluator)."""
