@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from convert.build.layers import activation, normalisation, weights
-from convert.build.layers.dense import expect_weights
-from convert.build.layers.registry import Unsupported, fail, register
+from convert.build.layers.registry import Unsupported, expect_weights, fail, register
 from convert.read.graph import Layer
 
 

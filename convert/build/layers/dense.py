@@ -5,20 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from convert.build.layers import activation, weights
-from convert.build.layers.registry import fail, register
-from convert.read.graph import Layer
-
-
-def expect_weights(layer: Layer, required: set[str], optional: set[str]) -> dict[str, Any]:
-    """The layer's weights by name; exactly ``required`` plus any of ``optional``."""
-    found = {w.name: w for w in layer.weights}
-    extra = sorted(set(found) - required - optional)
-    if extra:
-        raise fail(layer, f"unexpected weights {', '.join(extra)}")
-    missing = sorted(required - set(found))
-    if missing:
-        raise fail(layer, f"missing weights {', '.join(missing)}")
-    return found
+from convert.build.layers.registry import expect_weights, fail, register
 
 
 @register("Dense", family="dense", vector=True)

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from convert.build.layers import weights
-from convert.build.layers.dense import expect_weights
-from convert.build.layers.registry import fail, register
+from convert.build.layers.registry import expect_weights, fail, register
 from convert.read.graph import Layer
 
 UNCOVERED = ("renorm", "virtual_batch_size", "adjustment", "synchronized")

@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.build.layers.dense import expect_weights
 from convert.build.layers.normalisation import scale_layer
-from convert.build.layers.registry import fail, register
+from convert.build.layers.registry import expect_weights, fail, register
 from convert.read.families import Preprocessing
 from convert.read.graph import Layer
 

@@ -43,6 +43,18 @@ def fail(layer: Layer, why: str) -> Unsupported:
     return Unsupported(f"{label(layer)}: {why}")
 
 
+def expect_weights(layer: Layer, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """The layer's weights by name; exactly ``required`` plus any of ``optional``."""
+    found = {w.name: w for w in layer.weights}
+    extra = sorted(set(found) - required - optional)
+    if extra:
+        raise fail(layer, f"unexpected weights {', '.join(extra)}")
+    missing = sorted(required - set(found))
+    if missing:
+        raise fail(layer, f"missing weights {', '.join(missing)}")
+    return found
+
+
 Translate = Callable[[Any, Any, list[Any]], Any]  # (emitter, node, input blobs) -> output blob
 
 
