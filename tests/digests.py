@@ -74,12 +74,15 @@ def check(key: str, zoo: Path, out: Path) -> None:
 _BACKBONE_SHA = "coreml-split.backbone_sha256"
 
 
-def _networks(spec: Any) -> list[Any]:
+def _networks(spec: Any) -> list[tuple[Any, set[str]]]:
+    """Each NeuralNetwork in ``spec`` (pipeline members included) with the feature names of the
+    model that holds it, which renaming must keep."""
     kind = spec.WhichOneof("Type")
     if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):
         return [n for m in getattr(spec, kind).pipeline.models for n in _networks(m)]
     if kind in ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor"):
-        return [getattr(spec, kind)]
+        d = spec.description
+        return [(getattr(spec, kind), {f.name for f in [*d.input, *d.output]})]
     return []
 
 
@@ -89,8 +92,8 @@ def canonical(path: Path) -> str:
     from coremltools.proto import Model_pb2
 
     spec = Model_pb2.Model.FromString(path.read_bytes())
-    for network, features in zip(_networks(spec), _interfaces(spec)):
-        _rename_in_order(network, features)
+    for network, keep in _networks(spec):
+        _rename_in_order(network, keep)
     spec.description.metadata.userDefined.pop(_BACKBONE_SHA, None)
     return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
 
@@ -105,15 +108,6 @@ def _rename_in_order(network: Any, keep: set[str]) -> None:
         layer.name = rename(layer.name)
         for field in (layer.input, layer.output):
             field[:] = [rename(n) for n in field]
-
-
-def _interfaces(spec: Any) -> list[set[str]]:
-    """Per network of :func:`_networks`, the feature names it must keep."""
-    kind = spec.WhichOneof("Type")
-    if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):
-        return [f for m in getattr(spec, kind).pipeline.models for f in _interfaces(m)]
-    d = spec.description
-    return [{f.name for f in [*d.input, *d.output]}]
 
 
 def canonical_outputs(out: Path) -> dict[str, str]:
