@@ -24,3 +24,22 @@ class LabelsError(SplitError):
 
 class ConversionError(SplitError):
     """coremltools (or Keras) refused the model while converting it."""
+
+
+class RunError(SplitError):
+    """A problem with the whole run (arguments, ``--out``, ``zoo.toml``): one line, exit code 2."""
+
+
+DEBUG_HINT = "rerun with --debug for the traceback"
+
+
+def internal_reason(exc: BaseException) -> str:
+    """The one-line reason for an exception the tool did not foresee."""
+    said = " ".join(str(exc).split())[:300]
+    return f"internal error: {type(exc).__name__}{': ' + said if said else ''} ({DEBUG_HINT})"
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

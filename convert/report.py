@@ -84,7 +84,7 @@ class Report:
             "backbones": [asdict(b) for b in self.backbones],
             "classifiers": [asdict(c) for c in self.classifiers],
             "totals": self.totals(),
-            "errors": [asdict(e) for e in self.errors],
+            "errors": [{"file": e.file, "reason": e.reason} for e in self.errors],
         } | ({"verify": self.verify} if self.verify is not None else {})
 
 

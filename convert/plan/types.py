@@ -8,7 +8,10 @@ it out; the report shows it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from convert.errors import internal_reason, traceback_text
 
 BYTES_PER_PARAMETER = 4  # the backbone and heads are written as float32
 # Share a backbone only if it holds at least this much of each member: a frozen prefix worth a
@@ -74,6 +77,12 @@ class GroupPlan:
 class ErrorEntry:
     file: str
     reason: str
+    trace: str = ""  # the traceback of an internal error, shown with --debug
+
+    @classmethod
+    def internal(cls, file: str | Path, exc: BaseException) -> ErrorEntry:
+        """An exception the tool did not foresee, while handling ``file``."""
+        return cls(str(file), internal_reason(exc), traceback_text(exc))
 
     @property
     def line(self) -> str:
@@ -102,7 +111,7 @@ class Plan:
             "models": [asdict(m) | {"head_bytes": m.head_bytes} for m in self.models],
             "groups": [asdict(g) | {"backbone_bytes": g.backbone_bytes} for g in self.groups],
             "standalone": [m.name for m in self.models if m.group is None],
-            "errors": [asdict(e) for e in self.errors],
+            "errors": [{"file": e.file, "reason": e.reason} for e in self.errors],
             "unique_parameters": self.unique_parameters,
             "lower_bound_bytes": self.lower_bound_bytes,
         }
