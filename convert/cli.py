@@ -13,11 +13,14 @@ from pathlib import Path
 from convert import __version__
 from convert.build.jobs import BACKBONE_CONVERTERS, DEFAULT_JOBS
 from convert.check.verify import TOLERANCES
-from convert.errors import SplitError
+from convert.errors import RunError, SplitError, internal_reason, traceback_text
+from convert.files import locked, prepare_output
 from convert.plan.types import DEFAULT_MIN_SHARED
 from convert.read.families import PREPROCESSING
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 0: everything converted (or verified); 1: some file failed, the rest converted; 2: the run
+# itself cannot go ahead (arguments, --out, zoo.toml); 130: interrupted (Ctrl-C).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,9 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", help="show the traceback of an internal error"
+    )
 
     sub.add_parser(
-        "plan", parents=[common], help="show which models share which backbone (no TensorFlow)"
+        "plan",
+        parents=[common, debug],
+        help="show which models share which backbone (no TensorFlow)",
     )
     checking = argparse.ArgumentParser(add_help=False)
     checking.add_argument(
@@ -76,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default: each model's own folder)",
     )
 
-    convert = sub.add_parser("convert", parents=[common, checking], help="write the Core ML files")
+    convert = sub.add_parser(
+        "convert", parents=[common, checking, debug], help="write the Core ML files"
+    )
     convert.add_argument("--out", type=Path, default=Path("build"), help="output folder")
     convert.add_argument(
         "--verify", action="store_true", help="then check every pipeline against Keras"
@@ -98,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify = sub.add_parser(
         "verify",
-        parents=[checking],
+        parents=[checking, debug],
         help="run each pipeline (numpy reference evaluator) and its Keras model on the same "
         "images and compare",
     )
@@ -133,31 +144,63 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(width=width)
     err = Console(stderr=True, soft_wrap=True)
     try:
-        if args.command == "verify":
-            return _verify_command(args.build, args, out, err)
-        per_model, default = _preprocessing(args.preprocess)
-        from convert.plan.make import make_plan
-        from convert.read.manifest import load_manifest
+        return _run(args, out, err)
+    except SplitError as exc:  # the run itself cannot go ahead
+        _say(err, f"error: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _say(err, "interrupted: the files written so far are whole; run again to finish")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # not foreseen: one line, the traceback with --debug
+        _say(err, f"error: {internal_reason(exc)}")
+        if args.debug:
+            _say(err, traceback_text(exc))
+        return EXIT_FAILED
 
+
+def _say(console, text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def _warn(console, text: str) -> None:
+    """A damaged cache entry that was dropped: said even with --quiet, never an error."""
+    _say(console, f"warning: {text}")
+
+
+def _run(args, out, err) -> int:
+    notice = (lambda _msg: None) if args.quiet else (lambda msg: _say(err, msg))
+    if args.command == "verify":
+        if not args.build.is_dir():
+            raise RunError(args.build, "no such folder; run `coreml-split convert` first")
+        with locked(args.build, notice):
+            return _verify_command(args.build, args, out, err)
+    per_model, default = _preprocessing(args.preprocess)
+    from convert.plan.make import make_plan
+    from convert.read.manifest import load_manifest
+    from convert.read.sources import SourceCache
+
+    writing = args.command == "convert"
+    if writing:
+        prepare_output(args.out)
+    with locked(args.out, notice) if writing else contextlib.nullcontext():
         started = time.perf_counter()
         manifest = load_manifest(args.models)
-        from convert.read.sources import SourceCache
-
-        sources = SourceCache(args.out if args.command == "convert" else None)
+        sources = SourceCache(args.out if writing else None)
         plan, graphs = make_plan(
             args.models, per_model, default, args.min_shared, manifest, sources
         )
+        for line in sources.warnings:
+            _warn(err, line)
         if args.command == "plan":
             return _plan_command(plan, args, out, err, time.perf_counter() - started)
         return _convert_command(plan, graphs, manifest, sources, args, out, err)
-    except SplitError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
-        return EXIT_USAGE
 
 
-def _print_errors(errors, err) -> None:
+def _print_errors(errors, err, debug: bool = False) -> None:
     for e in errors:
-        err.print(f"error: {e.line}", markup=False, highlight=False)
+        _say(err, f"error: {e.line}")
+        if debug and e.trace:
+            _say(err, e.trace)
 
 
 def _plan_command(plan, args, out, err, seconds: float) -> int:
@@ -174,7 +217,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
             f"{sum(1 for m in plan.models if m.group is None)} standalone; "
             f"planned in {seconds:.1f}s"
         )
-    _print_errors(plan.errors, err)
+    _print_errors(plan.errors, err, args.debug)
     if not plan.models and not plan.errors:
         err.print(f"error: {args.models}: no .h5 models found", markup=False)
         return EXIT_FAILED
@@ -186,7 +229,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
 
     if not plan.models:
-        _print_errors(plan.errors, err)
+        _print_errors(plan.errors, err, args.debug)
         if not plan.errors:
             err.print(f"error: {args.models}: no .h5 models found", markup=False)
         return EXIT_FAILED
@@ -206,6 +249,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             args.jobs,
             sources,
             backbone_converter=args.backbone_converter,
+            warn=lambda line: _warn(err, line),
         )
     write_reports(report, args.out)
     if args.json:
@@ -214,7 +258,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
         out.print(size_table(report))
         out.print(summary_line(report))
         out.print(f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
-    _print_errors(report.errors, err)
+    _print_errors(report.errors, err, args.debug)
     failed = bool(report.errors)
     if args.verify:
         failed = _verify_command(args.out, args, out, err) != EXIT_OK or failed

@@ -57,6 +57,7 @@ class Job:
 class JobResult:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> report row
     errors: list[ErrorEntry] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # damaged cache entries, dropped
 
 
 def plan_jobs(

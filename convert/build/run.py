@@ -30,12 +30,15 @@ def build(
     jobs: int = DEFAULT_JOBS,
     sources: SourceCache | None = None,
     backbone_converter: str = "auto",
+    warn: Progress | None = None,
 ) -> Report:
     """Build what is stale: one job here, several in up to ``jobs`` worker processes.
 
     ``backbone_converter``: "auto" builds each backbone straight from the weights when every
     layer is covered (convert/build/layers/) and converts it with ct.convert otherwise;
-    "coremltools" always converts with ct.convert."""
+    "coremltools" always converts with ct.convert.
+
+    ``warn`` gets one line per damaged cache entry that was dropped (and rebuilt)."""
     say = progress or (lambda _msg: None)
     manifest = manifest or Manifest()
     report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
@@ -59,9 +62,11 @@ def build(
     finally:
         if workers is not None:
             workers.close()
+    warnings = list(cache.warnings)
     for job in work:
         result = results.get(job.label, JobResult())
         report.errors.extend(result.errors)
+        warnings.extend(w for w in result.warnings if w not in warnings)
         for file, wanted in job.recipes.items():
             if file in result.written:
                 cache.record(file, wanted, result.written[file])
@@ -70,6 +75,8 @@ def build(
         _collect(job, cache, report)
     _remove_leftovers(plan, work, cache, say)
     cache.save()
+    for line in warnings:
+        (warn or say)(line)
     return report
 
 

@@ -29,12 +29,17 @@ from convert.report import ClassifierReport
 
 
 def run_job(job: Job, say: Progress) -> JobResult:
-    """Carry out one job (in a worker process or here)."""
-    if job.tensorflow_free:
-        from convert.heavy import forgo_tensorflow
+    """Carry out one job (in a worker process or here). An exception the job did not foresee
+    is reported against each of its stale files; it never ends the build."""
+    try:
+        if job.tensorflow_free:
+            from convert.heavy import forgo_tensorflow
 
-        forgo_tensorflow()
-    return _standalone_job(job, say) if job.group is None else _group_job(job, say)
+            forgo_tensorflow()
+        return _standalone_job(job, say) if job.group is None else _group_job(job, say)
+    except Exception as exc:
+        stale = [m for m in job.models if m.name in job.stale] or job.models
+        return JobResult(errors=[ErrorEntry.internal(m.source, exc) for m in stale])
 
 
 def _load(graph: Graph, plan: ModelPlan):
@@ -89,7 +94,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     group = job.group
     assert group is not None
     result = JobResult()
-    cache = Cache(job.out)
+    cache = Cache(job.out, state=False)
     backbone_file = f"{group.id}.mlmodel"
     key = job.recipes[backbone_file]
     backbone = _cached_spec(cache, key)
@@ -117,6 +122,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
                         )
                     )
             _release()
+            result.warnings.extend(cache.warnings)
             return result
         specs.name_features(backbone, image=job.input_name)
         _describe_backbone(backbone, group, job.backbone_settings)
@@ -138,9 +144,12 @@ def _group_job(job: Job, say: Progress) -> JobResult:
             say(f"{model.name}: head and pipeline in {_duration(time.perf_counter() - started)}")
         except SplitError as exc:
             result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
+        except Exception as exc:  # not foreseen: this classifier's one line
+            result.errors.append(ErrorEntry.internal(model.source, exc))
         finally:
             if objects.loaded:
                 _release()
+    result.warnings.extend(cache.warnings)
     return result
 
 
@@ -184,6 +193,9 @@ def _direct_backbone(job: Job, result: JobResult, say: Progress):
         except SplitError as exc:  # this file's weights do not read; another member's may
             result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
             continue
+        except Exception as exc:  # not foreseen: said against this member, the next may do
+            result.errors.append(ErrorEntry.internal(model.source, exc))
+            continue
         say(
             f"{group.id}: backbone built from the weights in "
             f"{_duration(time.perf_counter() - started)}"
@@ -201,7 +213,11 @@ def _cached_spec(cache: Cache, key: str):
     if data is None:
         return None
     Model_pb2, _ = specs.protos()
-    return Model_pb2.Model.FromString(data)
+    try:
+        return Model_pb2.Model.FromString(data)
+    except Exception:  # protobuf's DecodeError, or worse: the object is not a spec
+        cache.drop(key, "not a Core ML spec")
+        return None
 
 
 def _sha_of(path: Path) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,18 @@ class SourceCache:
     with the zoo: about 70 ms per MobileNetV2 at 224. A file whose size, modification and change
     times and inode are those recorded is not read again: its graph and hash come from
     ``.cache/sources/``. The change time cannot be set back by tools that copy or touch files,
-    so an edited file is always read again. The entries are the tool's own pickles; a damaged or
-    foreign one is ignored and the file read afresh.
+    so an edited file is always read again.
+
+    An entry is the SHA-256 of its content, then the tool's own pickle of the graph. One that
+    does not match its hash is dropped with a warning and the file read afresh; and whatever an
+    entry holds, unpickling it makes only the graph's own classes (:class:`_GraphUnpickler`), so
+    a planted entry cannot run code.
     """
 
     def __init__(self, out: Path | None) -> None:
         self.root = None if out is None else out / CACHE_DIR / "sources"
         self.hashes: dict[str, str] = {}
+        self.warnings: list[str] = []  # one line per damaged entry that was dropped
 
     @staticmethod
     def _signature(path: Path) -> list[int]:
@@ -31,26 +38,39 @@ class SourceCache:
 
     def _entry(self, path: Path) -> Path:
         key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
-        return self.root / f"{key}.pickle"  # type: ignore[operator]
+        return self.root / f"{key}.graph"  # type: ignore[operator]
 
     def graph(self, path: Path) -> Any:
         """The cached graph of ``path``, or None."""
-        import pickle
-
         if self.root is None:
             return None
+        entry = self._entry(path)
         try:
-            data = pickle.loads(self._entry(path).read_bytes())
-            if data["versions"] != tool_versions() or data["signature"] != self._signature(path):
-                return None
-        except Exception:  # missing, damaged, or from another version: read the file again
+            stored = entry.read_bytes()
+        except OSError:
             return None
+        try:
+            head, body = stored[:64], stored[64:]
+            if head != hashlib.sha256(body).hexdigest().encode():
+                raise ValueError("its content does not match its hash")
+            data = _GraphUnpickler(io.BytesIO(body)).load()
+            if not isinstance(data, dict) or not {
+                "versions",
+                "signature",
+                "sha256",
+                "graph",
+            } <= set(data):
+                raise ValueError("not a graph entry")
+        except Exception as exc:  # damaged, or planted: read the file again
+            self.warnings.append(f"{entry}: damaged ({exc}); reading {path} again")
+            entry.unlink(missing_ok=True)
+            return None
+        if data["versions"] != tool_versions() or data["signature"] != self._signature(path):
+            return None  # another version of the tool, or an edited file
         self.hashes[str(path)] = data["sha256"]
         return data["graph"]
 
     def remember(self, path: Path, graph: Any) -> None:
-        import pickle
-
         sha = self.sha256(path)
         if self.root is None:
             return
@@ -61,10 +81,25 @@ class SourceCache:
             "graph": graph,
         }
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._entry(path), pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+        body = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        write_atomic(self._entry(path), hashlib.sha256(body).hexdigest().encode() + body)
 
     def sha256(self, path: Path) -> str:
         key = str(path)
         if key not in self.hashes:
             self.hashes[key] = file_sha256(path)
         return self.hashes[key]
+
+
+class _GraphUnpickler(pickle.Unpickler):
+    """Unpickles what :meth:`SourceCache.remember` writes and nothing else: the only classes it
+    makes are the graph's and paths, so no entry, whoever wrote it, can call anything else."""
+
+    ALLOWED = {
+        ("convert.read.graph", name) for name in ("Graph", "Layer", "Node", "Tensor", "Weight")
+    } | {("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to make {module}.{name}")
+        return super().find_class(module, name)
