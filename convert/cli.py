@@ -23,8 +23,36 @@ from convert.read.families import PREPROCESSING
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (and exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, high: float | None = None, what: str = ""):
+    """An argparse type: a number of ``kind`` in [low, high]."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return parse
+
+
+_FRACTION = _number(float, 0.0, 1.0, "a fraction between 0 and 1")
+_AT_LEAST_ONE = _number(int, 1, None, "1 or more")
+_NOT_NEGATIVE_INT = _number(int, 0, None, "0 or more")
+_NOT_NEGATIVE = _number(float, 0.0, None, "0 or more")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="coreml-split",
         description="Split Keras classifiers that share a frozen backbone into one Core ML "
         "backbone plus one linked pipeline per classifier.",
@@ -32,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coreml-split {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("models", type=Path, help="a folder of .h5 files (searched recursively)")
     common.add_argument(
         "--preprocess",
@@ -45,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--min-shared",
-        type=float,
+        type=_FRACTION,
         default=DEFAULT_MIN_SHARED,
         metavar="FRACTION",
         help="share a backbone only if it holds at least this fraction of each member's "
@@ -53,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument(
         "--debug", action="store_true", help="show the traceback of an internal error"
     )
@@ -63,17 +91,20 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common, debug],
         help="show which models share which backbone (no TensorFlow)",
     )
-    checking = argparse.ArgumentParser(add_help=False)
+    checking = _Parser(add_help=False)
     checking.add_argument(
         "--images", type=Path, help="folder of test images (default: deterministic synthetic ones)"
     )
     checking.add_argument(
-        "--count", type=int, default=16, help="number of images per classifier (default 16)"
+        "--count",
+        type=_NOT_NEGATIVE_INT,
+        default=16,
+        help="number of images per classifier (default 16; 0: every image in --images)",
     )
     for storage, default in TOLERANCES.items():
         checking.add_argument(
             f"--atol-{storage.replace('-', '')}",
-            type=float,
+            type=_NOT_NEGATIVE,
             default=default,
             metavar="X",
             help=f"max |dprob| allowed with {storage} weights (default {default:g})",
@@ -94,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--jobs",
-        type=int,
+        type=_AT_LEAST_ONE,
         default=DEFAULT_JOBS,
         metavar="N",
         help=f"convert up to N groups at once, in separate processes (default {DEFAULT_JOBS})",

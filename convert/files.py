@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -63,6 +64,7 @@ def write_atomic(path: Path, data: bytes) -> int:
 
 
 LOCK_FILE = "lock"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what write_atomic's mkstemp names
 
 
 def prepare_output(folder: Path) -> None:
@@ -131,7 +133,7 @@ def remove_temporaries(folder: Path) -> int:
     holding its lock, when no other writer can own them."""
     removed = 0
     for tmp in folder.rglob(".*.tmp"):
-        if tmp.is_file():
+        if tmp.is_file() and _TEMPORARY.fullmatch(tmp.name):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

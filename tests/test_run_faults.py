@@ -72,6 +72,14 @@ def _env() -> dict[str, str]:
     return os.environ | {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
+def _exit_code(argv: list[str]) -> int:
+    """main's exit code, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 def _lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
@@ -108,6 +116,35 @@ def test_out_not_writable_is_one_line_and_exit_2(small_zoo: Path, tmp_path: Path
     lines = _lines(capsys.readouterr().err)
     assert lines == [f"error: {target}: the output folder is not writable"]
     assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--jobs", "0"], "argument --jobs: 0 is not 1 or more"),
+        (["--min-shared", "1.5"], "argument --min-shared: 1.5 is not a fraction between 0 and 1"),
+        (["--count", "many"], "argument --count: 'many' is not a number"),
+        (["--atol-float32", "-1"], "argument --atol-float32: -1 is not 0 or more"),
+        (["--preprocess", "sepia"], "--preprocess sepia: unknown mode 'sepia'"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    small_zoo: Path, tmp_path: Path, capsys, args: list[str], said: str
+) -> None:
+    assert _exit_code(["convert", str(small_zoo), "--out", str(tmp_path / "build"), *args]) == 2
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_broken_zoo_toml_is_one_line_and_exit_2(small_zoo: Path, tmp_path: Path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(small_zoo, zoo)
+    (zoo / "zoo.toml").write_text("[models.nested_k3\nlabels = 3\n")
+    assert main(["convert", str(zoo), "--out", str(tmp_path / "build")]) == 2
+    lines = _lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {zoo / 'zoo.toml'}: "), lines
 
 
 # -- unforeseen exceptions -------------------------------------------------------------------
