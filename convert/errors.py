@@ -26,6 +26,10 @@ class ConversionError(SplitError):
     """coremltools (or Keras) refused the model while converting it."""
 
 
+class WriteError(SplitError):
+    """An output file cannot be written (a full disk, a folder that became read-only)."""
+
+
 class RunError(SplitError):
     """A problem with the whole run (arguments, ``--out``, ``zoo.toml``): one line, exit code 2."""
 

@@ -9,6 +9,7 @@ import factory
 import pytest
 
 from convert.cli import main
+from convert.errors import WriteError
 from convert.files import write_atomic
 
 
@@ -80,11 +81,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(
     target.write_bytes(b"old")
 
     def disk_full(fd: int) -> None:
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("convert.files.os.fsync", disk_full)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError) as raised:
         write_atomic(target, b"new")
+    assert str(raised.value) == f"{target}: cannot write the file (No space left on device)"
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.mlmodel"]
 
