@@ -202,6 +202,29 @@ def test_an_unforeseen_exception_while_building_costs_one_classifier(
     assert "nested_k3.mlmodel" not in _digests(out)
 
 
+def test_a_full_disk_costs_the_files_it_stops(
+    small_zoo: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convert.files as files
+
+    real = files.tempfile.mkstemp
+
+    def mkstemp(prefix: str = "", **kwargs):
+        if prefix.startswith(".nested_k2.mlmodel"):
+            raise OSError(28, "No space left on device")
+        return real(prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "build"
+    assert main(["convert", str(small_zoo), "--out", str(out), "--quiet", "--jobs", "1"]) == 1
+    lines = _lines(capsys.readouterr().err)
+    assert lines == [
+        f"error: {out / 'nested_k2.mlmodel'}: cannot write the file (No space left on device)"
+    ]
+    assert {"nested_k3.mlmodel", "tm_cats.mlmodel"} <= set(_digests(out))
+    assert not list(out.rglob(".*.tmp"))
+
+
 # -- a damaged cache -------------------------------------------------------------------------
 
 
