@@ -2,7 +2,9 @@
 
     PYTHONPATH=. .venv/bin/python tests/record_digests.py [KEY ...] [--out FILE]
 
-writes (or, for the KEYs given, updates) ``tests/data/output_digests.json``. Run it when a
+writes (or, for the KEYs given, updates) ``tests/data/output_digests.json``: the recording made
+from this machine's zoo replaces the one made from the same zoo, and keeps those other machines
+made from theirs. Run it when a
 change to the bytes coreml-split writes is intended, and say so in the commit. The suite's
 fixtures then compare their outputs with these digests (``tests/digests.py``).
 """
@@ -47,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
             zoo.mkdir(parents=True)
             recipe(zoo)
             code = cli(["convert", str(zoo), "--out", str(out), "--quiet", *extra])
-            recorded[key] = digests.entry(zoo, out) | {"exit_code": code}
-            files = len(recorded[key]["outputs"])
+            entry = digests.entry(zoo, out) | {"exit_code": code}
+            others = [
+                r for r in digests.recordings(recorded, key) if r["inputs"] != entry["inputs"]
+            ]
+            recorded[key] = [*others, entry]  # this machine's zoo, beside other machines'
+            files = len(entry["outputs"])
             print(f"{key}: {files} files, exit {code}, {time.perf_counter() - started:.1f} s")
             args.out.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     return 0
