@@ -1,0 +1,87 @@
+"""The bad-input corpus (tests/corpus.py) through ``coreml-split convert``, in one run.
+
+Each damaged file gives exactly its one ``error: <file>: <reason>`` line, never a traceback and
+never an internal error; the run exits with 1; and the two good models beside the corpus come
+out byte for byte as they do when converted alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import corpus
+import pytest
+
+from convert.check.validate import validate_file
+from convert.cli import main
+
+
+@dataclass
+class Run:
+    folder: Path
+    out: Path
+    code: int
+    lines: list[str]
+
+
+def _convert(folder: Path, out: Path) -> tuple[int, list[str]]:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(["convert", str(folder), "--out", str(out), "--quiet"])
+    return code, [line for line in stderr.getvalue().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("corpus")
+    folder = root / "models"
+    corpus.write_corpus(folder)
+    code, lines = _convert(folder, root / "build")
+    return Run(folder, root / "build", code, lines)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.mlmodel")}
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(corpus.CASES) >= 25
+
+
+def test_the_run_prints_one_error_line_per_case_and_nothing_else(run: Run) -> None:
+    assert run.code == 1
+    assert all(line.startswith("error: ") for line in run.lines), run.lines
+    assert len(run.lines) == len(corpus.CASES), "\n".join(run.lines)
+
+
+@pytest.mark.parametrize("name", list(corpus.CASES))
+def test_each_case_gives_its_line(run: Run, name: str) -> None:
+    case = corpus.CASES[name]
+    file = run.folder / (case.file or f"{name}.h5")
+    mine = [line for line in run.lines if line.startswith(f"error: {file}: ")]
+    assert len(mine) == 1, (name, run.lines)
+    line = mine[0]
+    assert case.expected in line, line
+    assert "internal error" not in line and "Traceback" not in line, line
+    assert not (run.out / f"{name}.mlmodel").exists()
+
+
+def test_the_good_models_convert_as_they_do_alone(run: Run, tmp_path: Path) -> None:
+    alone = tmp_path / "models"
+    alone.mkdir()
+    for good in corpus.GOOD.values():
+        for path in run.folder.glob(f"{Path(good).stem}.*"):
+            shutil.copy(path, alone / path.name)
+    code, lines = _convert(alone, tmp_path / "build")
+    assert (code, lines) == (0, [])
+    expected = _digests(tmp_path / "build")
+    assert {f"{Path(good).stem}.mlmodel" for good in corpus.GOOD.values()} <= set(expected)
+    got = _digests(run.out)
+    assert got == expected
+    for name in got:
+        assert validate_file(run.out / name, strict_types=True) == [], name
