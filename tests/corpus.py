@@ -102,7 +102,8 @@ def _weights_group(f: Any, layer: str) -> Any:
     return root[layer]
 
 
-def _datasets(group: Any) -> list[str]:
+def datasets(group: Any) -> list[str]:
+    """The paths of every dataset under an h5py group, relative to it."""
     import h5py
 
     found: list[str] = []
@@ -123,7 +124,7 @@ def _edit_weight(layer: str, weight: str, edit: Callable[[Any, str], None]) -> C
 
         with h5py.File(path, "r+") as f:
             group = _weights_group(f, layer)
-            name = next(d for d in _datasets(group) if d.split("/")[-1].split(":")[0] == weight)
+            name = next(d for d in datasets(group) if d.split("/")[-1].split(":")[0] == weight)
             edit(group, name)
 
     return make
@@ -182,7 +183,7 @@ def _flip_weight_bytes(layer: str, weight: str) -> Callable[[Path], None]:
 
         with h5py.File(path, "r") as f:
             group = _weights_group(f, layer)
-            name = next(d for d in _datasets(group) if d.split("/")[-1].split(":")[0] == weight)
+            name = next(d for d in datasets(group) if d.split("/")[-1].split(":")[0] == weight)
             offset = group[name].id.get_offset()
         data = bytearray(path.read_bytes())
         data[offset + 4 : offset + 8] = b"\xff\xff\xff\xff"

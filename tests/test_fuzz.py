@@ -10,8 +10,8 @@ this process. Whatever the mutation, the run must end with exit code 0 or 1, pri
 error, and the good model must still convert.
 
 The examples come from a fixed seed (the same ones on every machine and every run) and their
-number is bounded: ``FUZZ_EXAMPLES`` (default 60). Set it higher, and ``FUZZ_SEED`` to another number,
-to search further by hand.
+number is bounded: ``FUZZ_EXAMPLES`` (default 60). Set it higher, and ``FUZZ_SEED`` to another
+number, to search further by hand.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import corpus
@@ -52,9 +51,8 @@ def goods(tmp_path_factory: pytest.TempPathFactory) -> Goods:
         path = corpus.write_good(folder, flavour)
         data_ranges: list[tuple[int, int]] = []
         with h5py.File(path, "r") as f:
-            datasets: list[Any] = []
-            f.visititems(lambda _, obj: datasets.append(obj) if hasattr(obj, "dtype") else None)
-            for dataset in datasets:
+            for name in corpus.datasets(f):
+                dataset = f[name]
                 start = dataset.id.get_offset()
                 if start is not None:
                     data_ranges.append((start, start + dataset.id.get_storage_size()))
