@@ -18,9 +18,12 @@ from convert.files import locked, prepare_output
 from convert.plan.types import DEFAULT_MIN_SHARED
 from convert.read.families import PREPROCESSING
 
-# 0: everything converted (or verified); 1: some file failed, the rest converted; 2: the run
-# itself cannot go ahead (arguments, --out, zoo.toml); 130: interrupted (Ctrl-C).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 0: everything converted (or verified); 1: some file failed, the rest converted (verify: some
+# classifier beyond tolerance, or its Core ML files cannot be run); 2: the run itself cannot go
+# ahead (arguments, --out, zoo.toml, a damaged report.json); 3 (verify): none beyond tolerance
+# and no error, but some classifiers unverified (Keras cannot give a reference); 130:
+# interrupted (Ctrl-C).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNVERIFIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -290,10 +293,11 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
         out.print(summary_line(report))
         out.print(f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
     _print_errors(report.errors, err, args.debug)
-    failed = bool(report.errors)
-    if args.verify:
-        failed = _verify_command(args.out, args, out, err) != EXIT_OK or failed
-    return EXIT_FAILED if failed else EXIT_OK
+    if report.errors:
+        if args.verify:
+            _verify_command(args.out, args, out, err)
+        return EXIT_FAILED
+    return _verify_command(args.out, args, out, err) if args.verify else EXIT_OK
 
 
 @contextlib.contextmanager
@@ -319,13 +323,13 @@ def _progress(err, show: bool):
 
 
 def _verify_command(build_dir: Path, args, out, err) -> int:
-    from convert.check.verify import as_json, verify_build
+    from convert.check.verify import BEYOND, ERROR, UNVERIFIED, as_json, verify_build
     from convert.report import Report, write_reports
 
     tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
     show = not (args.quiet or args.json)
     progress = (lambda msg: out.print(msg, markup=False, highlight=False)) if show else None
-    results, errors = verify_build(
+    run = verify_build(
         build_dir,
         args.images,
         args.count,
@@ -334,29 +338,42 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         progress,
         only=getattr(args, "only", None) or None,
     )
-    report = Report.from_json(json.loads((build_dir / "report.json").read_text()))
+    report_path = build_dir / "report.json"
+    try:
+        report = Report.from_json(json.loads(report_path.read_text()))
+    except (KeyError, TypeError, ValueError) as exc:
+        said = f"{type(exc).__name__}: {exc}"
+        raise RunError(
+            report_path, f"is damaged ({said}); run `coreml-split convert` again"
+        ) from None
     merged = {v["name"]: v for v in report.verify or []}  # keep earlier --only runs
-    merged.update({v["name"]: v for v in as_json(results)})
+    for problem in run.errors + run.unverified:  # not compared this time: no stale result
+        merged.pop(problem.name, None)
+    merged.update({v["name"]: v for v in as_json(run.results)})
     report.verify = [merged[c.name] for c in report.classifiers if c.name in merged]
     write_reports(report, build_dir)
     if args.json:
-        print(json.dumps({"verify": report.verify, "errors": errors}, indent=2))
-    failures = [r for r in results if not r.passed]
-    if args.quiet:
-        for r in failures:
-            err.print(r.line, markup=False, highlight=False)
-    for path, reason in errors:
-        err.print(f"error: {path}: {reason}", markup=False, highlight=False)
-    if show:
-        out.print(
-            f"verified {_count(len(results), 'classifier')}: {len(results) - len(failures)} within "
-            f"tolerance, {len(failures)} beyond, {len(errors)} could not be run"
+        unverified = [
+            {"name": p.name, "file": p.file, "path": p.path, "reason": p.reason}
+            for p in run.unverified
+        ]
+        errors = [(p.path, p.reason) for p in run.errors]
+        print(
+            json.dumps(
+                {"verify": report.verify, "unverified": unverified, "errors": errors}, indent=2
+            )
         )
-    return EXIT_FAILED if failures or errors else EXIT_OK
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    if args.quiet:
+        for r in run.beyond:
+            err.print(r.line, markup=False, highlight=False)
+    for problem in run.errors + run.unverified:
+        said = "error" if problem.status == ERROR else "unverified"
+        err.print(f"{said}: {problem.path}: {problem.reason}", markup=False, highlight=False)
+        if args.debug and problem.trace:
+            err.print(problem.trace, markup=False, highlight=False)
+    if show:
+        out.print(run.summary, markup=False, highlight=False)
+    return {BEYOND: EXIT_FAILED, UNVERIFIED: EXIT_UNVERIFIED}.get(run.outcome, EXIT_OK)
 
 
 if __name__ == "__main__":

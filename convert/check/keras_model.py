@@ -14,6 +14,7 @@ import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from convert.errors import ConversionError
@@ -22,23 +23,255 @@ from convert.read.graph import Graph, is_tensor_ref
 
 
 def load_keras_model(graph: Graph) -> Any:
-    """Load ``graph.source`` with tf_keras (Keras 2.x files) or keras 3 (3.x files)."""
+    """Load ``graph.source`` with tf_keras (Keras 2.x files) or keras 3 (3.x files).
+
+    The file's ``model_config`` is checked first (:func:`refuse_foreign_code`): Keras never sees
+    a file that names code outside Keras. Every load then runs in Keras' safe mode.
+    """
     path = graph.source
     flavour = "keras 3" if graph.keras_major >= 3 else "tf_keras"
+    config = _model_config(path)
     try:
         k = keras(graph.keras_major)
+        names = _KerasNames.of(graph.keras_major)
+    except Exception as exc:  # an installation problem: said in one line like the others
+        reason = f"{flavour} cannot load the model: {_first_line(exc)}"
+        raise ConversionError(path, reason) from None
+    refuse_foreign_code(path, config, names)
+    try:
         if graph.keras_major < 3:
-            with k.utils.custom_object_scope(_application_layers(2)):
+            from tf_keras.src.saving.serialization_lib import SafeModeScope
+
+            # tf_keras' HDF5 loader takes no safe_mode; its Lambda layer checks the scope
+            # (outside one it unmarshals the bytecode), so the scope is entered here.
+            with SafeModeScope(True), k.utils.custom_object_scope(_application_layers(2)):
                 return _finalized(k.models.load_model(path, compile=False))
-        config = _keras3_config(path)
-        if config is None or not _repair_ops_nodes(config):
+        repaired = _repair_ops_nodes(config)
+        repaired |= _repair_single_tensor_io(config, graph.keras_version)
+        if not repaired:
             with k.utils.custom_object_scope(_application_layers(3)):
                 return _finalized(k.models.load_model(path, compile=False, safe_mode=True))
         return _finalized(_load_repaired(path, config))
     except Exception as exc:  # Keras raises many kinds; the user needs the reason, in one line
         raise ConversionError(
-            path, f"{flavour} cannot load the model: {_first_line(exc)}"
+            path, f"{flavour} cannot load the model: {_load_reason(exc)}"
         ) from None
+
+
+def _model_config(path: Path | str) -> dict[str, Any]:
+    """The file's ``model_config``, parsed as Keras parses it (the reader has checked it)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+        config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (OSError, TypeError, ValueError) as exc:
+        raise ConversionError(path, f"cannot read model_config: {_first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(path, "model_config is not a JSON object")
+    return config
+
+
+# -- no code from a model file ------------------------------------------------------------------
+#
+# Keras configs name Python objects by ``module`` + ``class_name`` (and ``registered_name`` for
+# classes registered with ``register_keras_serializable``, "package>Name"). What the installed
+# Kerases do with those names when they load an HDF5 file, read from their source:
+# - keras 3.15: the legacy HDF5 loader hands every config entry that carries a ``module`` to
+#   ``saving/serialization_lib.deserialize_keras_object`` (Sequential/Functional
+#   ``from_config``, ``legacy/saving/json_utils._decode_helper``). Its
+#   ``_retrieve_class_or_fn`` first takes any class registered under ``registered_name`` (code
+#   the process imported, not Keras'), then ``importlib.import_module``s the module if its
+#   package is keras, keras_hub, keras_cv or keras_nlp, keeping KerasSaveable classes only. That
+#   holds in safe and unsafe mode alike; safe mode only refuses Python lambdas. Keras 3 before
+#   3.11 (keras-team/keras#21429) imported any module a file named.
+# - tf_keras 2.21: its HDF5 loader deserialises in legacy mode (``in_tf_saved_model_scope``),
+#   which looks names up among Keras' own objects and registered ones and imports nothing; its
+#   newer ``serialization_lib`` (``.keras`` files, and outside that scope) imports ANY module
+#   named, and takes ``builtins`` functions from Python's builtins (``eval``, ``exit``). The
+#   HDF5 loader has no safe_mode, and a Lambda (also one inside TimeDistributed) unmarshals and
+#   runs its bytecode unless a SafeModeScope is active.
+# - a tf_keras TFOpLambda calls any TensorFlow API function by name, on the file's constants:
+#   ``io.write_file``, ``io.gfile.remove``, ``load_op_library`` included.
+# So before Keras sees a file, every dict in its model_config is checked here.
+#
+# Allowed: modules "keras", "keras.*", "tf_keras", "tf_keras.*". Measured on files both Kerases
+# save (test_untrusted.py saves them: keras.applications MobileNetV2, Teachable Machine-like
+# nested Sequentials, layers with activations, initializers, regularizers and constraints):
+# keras 3.15 writes "keras" (dtype policies), "keras.initializers", "keras.regularizers",
+# "keras.constraints"; tf_keras 2.21 the last three, plus "keras.layers" and
+# "tf_keras.src.engine.functional" (registered_name "Functional") inside nested Sequentials.
+# Neither writes "builtins" into an HDF5 model_config (activations are written as names); Keras
+# 3's serializer writes it for a function object of Python's builtins. It is allowed only for a
+# function the loading Keras defines itself (activations, initializers, ...), which is where
+# keras 3 looks it up. Registered names ("package>Name") are allowed only if the loading Keras
+# registered them itself (tf_keras: "Custom>Adam", ...).
+
+KERAS_PACKAGES = ("keras", "tf_keras")
+_NEVER_IMPORTS = "coreml-split never imports code named by a model file"
+_RUNS_CODE = "loading it would run Python code stored in the file, so coreml-split refuses it"
+CODE_CLASSES = {"Lambda"}  # also inside wrappers (TimeDistributed, Bidirectional), unlike read/
+# Layers that load something else from a path the file names.
+LOADING_CLASSES = {"TFSMLayer": "a TFSMLayer, which loads another model from a path"}
+# tf_keras TFOpLambda functions (by TensorFlow API name) that only compute: these namespaces,
+# and top-level functions but those below, which print, load native code or take callables.
+TF_NAMESPACES = {"__operators__", "math", "nn", "image", "linalg", "signal", "bitwise", "dtypes"}
+TF_REFUSED = {
+    "print",
+    "py_function",
+    "numpy_function",
+    "load_op_library",
+    "load_library",
+    "load_pluggable_device_library",
+    "function",
+    "init_scope",
+    "Variable",
+    "Module",
+    "device",
+}
+_TF_OP_LAYERS = {"TFOpLambda", "SlicingOpLambda", "ClassMethod"}
+
+
+class _KerasNames:
+    """What the loading Keras itself defines: its own registered names ("Custom>Adam" in
+    tf_keras) and the function names its built-in modules hold (for ``builtins`` entries)."""
+
+    def __init__(self, registered: set[str], functions: set[str]) -> None:
+        self.registered = registered
+        self.functions = functions
+
+    @classmethod
+    def of(cls, major: int) -> _KerasNames:
+        if major >= 3:
+            import keras as k
+            from keras.src.saving import object_registration
+
+            table = object_registration.GLOBAL_CUSTOM_OBJECTS
+        else:
+            import tf_keras as k
+            from tf_keras.src.saving import object_registration
+
+            table = object_registration._GLOBAL_CUSTOM_OBJECTS
+        registered = {
+            name
+            for name, obj in table.items()
+            if _is_keras_module(str(getattr(obj, "__module__", "")))
+        }
+        modules = ("activations", "constraints", "initializers", "losses", "metrics")
+        functions = {
+            name
+            for module in modules
+            for name, obj in vars(getattr(k, module)).items()
+            if callable(obj)
+            and not isinstance(obj, type)
+            and not name.startswith("_")
+            and name not in ("get", "serialize", "deserialize")
+        }
+        return cls(registered, functions)
+
+
+def _is_keras_module(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in KERAS_PACKAGES)
+
+
+def refuse_foreign_code(path: Path | str, config: dict[str, Any], names: _KerasNames) -> None:
+    """Raise ConversionError (one line) if ``config`` names anything Keras would import, run or
+    resolve from outside Keras: a module outside the Keras packages, a class registered by other
+    code, a Lambda or Python lambda anywhere, a TensorFlow function that does more than compute."""
+    root = _entry_name(config) or "model"
+    problem = _foreign(config, (), root, names)
+    if problem:
+        raise ConversionError(path, problem)
+
+
+def _entry_name(entry: dict[str, Any]) -> str:
+    config = entry.get("config")
+    name = entry.get("name") or (config.get("name") if isinstance(config, dict) else None)
+    return name if isinstance(name, str) else ""
+
+
+def _foreign(value: Any, where: tuple[str, ...], root: str, names: _KerasNames) -> str | None:
+    """The first reason to refuse found in ``value`` (a config, at any depth), or None.
+    ``where``: the path of the layer being scanned (empty for the model itself)."""
+    if isinstance(value, list):
+        for item in value:
+            found = _foreign(item, where, root, names)
+            if found:
+                return found
+        return None
+    if not isinstance(value, dict):
+        return None
+    said = f"layer '{'/'.join(where)}'" if where else f"model '{root}'"
+    found = _foreign_entry(value, said, names)
+    if found:
+        return found
+    for key, item in value.items():
+        if key in ("layers", "layer"):  # a model's layers, a wrapper's layer: name each one
+            for layer in item if isinstance(item, list) else [item]:
+                inner = where + (_entry_name(layer),) if isinstance(layer, dict) else where
+                found = _foreign(layer, inner, root, names)
+                if found:
+                    return found
+            continue
+        found = _foreign(item, where, root, names)
+        if found:
+            return found
+    return None
+
+
+def _foreign_entry(entry: dict[str, Any], where: str, names: _KerasNames) -> str | None:
+    class_name = entry.get("class_name")
+    module = entry.get("module")
+    if class_name in CODE_CLASSES:
+        return f"{where} holds a {class_name} layer; {_RUNS_CODE}"
+    if class_name == "__lambda__":
+        return f"{where} holds a Python lambda; {_RUNS_CODE}"
+    if class_name in LOADING_CLASSES:
+        return f"{where} is {LOADING_CLASSES[class_name]} the file names; coreml-split refuses it"
+    if module is not None:
+        if not isinstance(module, str):
+            return f"{where} names a module that is not a string ({module!r})"
+        builtin_function = (
+            module == "builtins"
+            and class_name == "function"
+            and isinstance(entry.get("config"), str)
+            and entry["config"] in names.functions
+        )
+        if not (_is_keras_module(module) or builtin_function):
+            return f"{where} names Python module '{module}'; {_NEVER_IMPORTS}"
+    # The legacy format names a registered class by its class_name ("Custom>CustomScaleLayer");
+    # the new one by registered_name, and a registered function by its config.
+    keys = ("class_name", "registered_name") + (("config",) if class_name == "function" else ())
+    for key in keys:
+        registered = entry.get(key)
+        if isinstance(registered, str) and ">" in registered:
+            if registered not in names.registered:
+                return (
+                    f"{where} names '{registered}', a class or function registered by code "
+                    f"outside Keras; {_NEVER_IMPORTS}"
+                )
+    if class_name in _TF_OP_LAYERS and isinstance(entry.get("config"), dict):
+        config = entry["config"]
+        symbol = config.get("function", config.get("cls_symbol"))
+        if symbol is not None and not _computes_only(symbol):
+            return (
+                f"{where} calls TensorFlow's tf.{symbol}, which coreml-split does not run "
+                "(a TFOpLambda may only compute: math, nn, image and other pure functions)"
+            )
+    return None
+
+
+def _computes_only(symbol: Any) -> bool:
+    """Whether a TFOpLambda's TensorFlow API name is a pure computation."""
+    if not isinstance(symbol, str):
+        return False
+    for prefix in ("compat.v1.", "compat.v2."):
+        symbol = symbol.removeprefix(prefix)
+    parts = symbol.split(".")
+    if len(parts) == 1:
+        return parts[0] not in TF_REFUSED and not parts[0].startswith("_")
+    return parts[0] in TF_NAMESPACES
 
 
 def _finalized(model: Any) -> Any:
@@ -72,19 +305,15 @@ def _all_layers(model: Any) -> list[Any]:
 #   the loader then takes ``Add``/``Multiply`` for the merge layers of the same name, which
 #   refuse a constant operand ("Only input tensors may be passed as positional arguments");
 # - layers defined inside keras.applications modules (ConvNeXt's LayerScale, ...) are not
-#   registered, so the loader does not know them.
-# Both are repaired here; the weights are then loaded into the rebuilt model by name order, as
+#   registered, so the loader does not know them;
+# - Keras 3.0 to 3.10 wrote the one input and one output of a Functional model as a list of one
+#   tensor reference, ``[["input_1", 0, 0]]``, and unwrapped such lists when loading; Keras 3.11
+#   (keras-team/keras#21341) stopped doing both, so it reads an older file's Functional as
+#   taking and returning a list of one tensor. Nested in a Sequential (a Teachable Machine
+#   model re-saved by Keras 3.7) the next layer then gets a list, and the load fails with
+#   'Layer "functional" expects 1 named input(s) ... but it received 2 input tensors'.
+# All three are repaired here; the weights are then loaded into the rebuilt model by name order, as
 # load_model itself does.
-
-
-def _keras3_config(path: str) -> dict[str, Any] | None:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        raw = f.attrs.get("model_config")
-    if raw is None:
-        return None
-    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
 
 def _repair_ops_nodes(model_config: dict[str, Any]) -> bool:
@@ -98,6 +327,36 @@ def _repair_ops_nodes(model_config: dict[str, Any]) -> bool:
             layer["registered_name"] = layer["class_name"]
             repaired = True
     return repaired
+
+
+def _repair_single_tensor_io(model_config: dict[str, Any], keras_version: str) -> bool:
+    """Unwrap the one-tensor ``input_layers`` / ``output_layers`` lists of every Functional in a
+    file written by Keras 3.0-3.10, as those versions' loader did; True if any needed it."""
+    try:
+        major, minor = (int(part) for part in keras_version.split(".")[:2])
+    except ValueError:
+        return False
+    if major != 3 or minor >= 11:
+        return False
+    repaired = False
+    todo = [model_config]
+    while todo:
+        entry = todo.pop()
+        config = entry.get("config")
+        if not isinstance(config, dict):
+            continue
+        if entry.get("class_name") in ("Functional", "Model"):
+            for key in ("input_layers", "output_layers"):
+                refs = config.get(key)
+                if isinstance(refs, list) and len(refs) == 1 and _is_tensor_ref(refs[0]):
+                    config[key] = refs[0]
+                    repaired = True
+        todo.extend(layer for layer in config.get("layers", []) if isinstance(layer, dict))
+    return repaired
+
+
+def _is_tensor_ref(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
 
 
 def _application_layers(major: int) -> dict[str, Any]:
@@ -278,6 +537,21 @@ def _keras_reason(exc: BaseException) -> str:
             detail = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{layer}: {detail}"[:300]
     return _first_line(exc)
+
+
+def _load_reason(exc: BaseException) -> str:
+    """Keras' "Error when deserializing class 'Dense' using config={<the whole config>}.
+    Exception encountered: <what went wrong>" (nested once per enclosing model), as the
+    innermost class and what went wrong, without the configs."""
+    text, what = str(exc), ""
+    while True:
+        head, found, cause = text.partition("Exception encountered:")
+        if not (found and head.strip().startswith("Error when deserializing class")):
+            break
+        what, text = head.strip().split(" using config=", 1)[0], cause.strip()
+    if not what:
+        return _first_line(exc)
+    return f"{what}: {' '.join(text.split())}"[:300]
 
 
 def _first_line(exc: BaseException) -> str:

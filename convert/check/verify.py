@@ -4,10 +4,17 @@ For every classifier in a build, the same images go through the Keras model (loa
 that wrote it) and through the Core ML pipeline, executed by the numpy reference evaluator with
 the linked backbone resolved from disk exactly as the stub names it. The probabilities are
 compared; beyond tolerance the check fails.
+
+Each classifier ends in one of four states (:class:`Verification`): within tolerance, beyond it,
+an error (the Core ML side cannot be run: a missing backbone, labels that differ, ...), or
+*unverified*: the Keras side cannot give a reference (the source file is gone, Keras cannot load
+or run it, it names code coreml-split refuses to load, or an internal error), so nothing was
+compared and nothing is claimed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.errors import SplitError
+from convert.errors import ConversionError, RunError, SplitError, internal_reason, traceback_text
 from convert.read.families import PREPROCESSING
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -39,6 +46,10 @@ class VerifyResult:
     tolerance: float
     passed: bool
     bound: list[str]  # linked models the evaluator bound, as file names
+    status: str = ""  # PASSED or BEYOND, from ``passed``
+
+    def __post_init__(self) -> None:
+        self.status = PASSED if self.passed else BEYOND
 
     @property
     def line(self) -> str:
@@ -47,6 +58,57 @@ class VerifyResult:
             f"[{mark}] {self.name}: max |dprob| {self.max_abs_diff:.2e} "
             f"(tolerance {self.tolerance:.0e}, {self.weights}), mean {self.mean_abs_diff:.2e}, "
             f"top-1 agreement {self.top1_agreement:.0%} on {self.images} images"
+        )
+
+
+PASSED, BEYOND, ERROR, UNVERIFIED = "passed", "beyond tolerance", "error", "unverified"
+
+
+@dataclass
+class Problem:
+    """A classifier that was not compared: an error on the Core ML side, or unverified."""
+
+    name: str
+    file: str  # the pipeline, relative to the build folder
+    path: str  # what the reason is about (the pipeline, its backbone, the .h5 source)
+    reason: str  # one line
+    status: str  # ERROR or UNVERIFIED
+    trace: str = ""  # an internal error's traceback, for --debug
+
+    @property
+    def line(self) -> str:
+        return f"[{self.status}] {self.name}: {self.path}: {self.reason}"
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_build` found, classifier by classifier, in report.json's order."""
+
+    results: list[VerifyResult] = dataclasses.field(default_factory=list)  # compared with Keras
+    # the Core ML side cannot be run
+    errors: list[Problem] = dataclasses.field(default_factory=list)
+    # the Keras side cannot be run: nothing compared
+    unverified: list[Problem] = dataclasses.field(default_factory=list)
+
+    @property
+    def beyond(self) -> list[VerifyResult]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def outcome(self) -> str:
+        """PASSED (every classifier within tolerance), BEYOND (some beyond tolerance or an
+        error), or UNVERIFIED (none beyond, no error, but some could not be compared)."""
+        if self.beyond or self.errors:
+            return BEYOND
+        return UNVERIFIED if self.unverified else PASSED
+
+    @property
+    def summary(self) -> str:
+        n = len(self.results) + len(self.errors) + len(self.unverified)
+        return (
+            f"verified {n} classifier{'' if n == 1 else 's'}: "
+            f"{len(self.results) - len(self.beyond)} within tolerance, {len(self.beyond)} beyond, "
+            f"{len(self.unverified)} unverified, {len(self.errors)} could not be run"
         )
 
 
@@ -105,7 +167,13 @@ def keras_probabilities(source: Path, preprocessing: str, images: np.ndarray) ->
     graph = read_model(source, with_digests=False)
     model = load_keras_model(graph)
     x = PREPROCESSING[preprocessing].apply(images)
-    outs = [np.asarray(model(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)]
+    try:
+        outs = [
+            np.asarray(model(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)
+        ]
+    except Exception as exc:  # Keras raises many kinds; one line says which
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConversionError(source, f"Keras cannot run the model: {said}") from None
     return np.concatenate(outs).astype(np.float64)
 
 
@@ -178,44 +246,145 @@ def verify_build(
     bundle_main: Path | None = None,
     progress=None,
     only: list[str] | None = None,
-) -> tuple[list[VerifyResult], list[tuple[str, str]]]:
-    """Verify every classifier listed in ``out/report.json``. Returns (results, errors)."""
-    from convert.check.reference import load as load_reference
+) -> Verification:
+    """Verify every classifier listed in ``out/report.json``.
 
+    A report.json that is missing or damaged is a :class:`RunError`; anything that goes wrong
+    with one classifier stays with that classifier (an error, or unverified)."""
     say = progress or (lambda _msg: None)
     tolerances = {**TOLERANCES, **(tolerances or {})}
     report_path = out / "report.json"
-    if not report_path.is_file():
-        raise SplitError(out, "no report.json here; run `coreml-split convert` first")
-    report = json.loads(report_path.read_text())
-    results: list[VerifyResult] = []
-    errors: list[tuple[str, str]] = []
-    entries = report["classifiers"]
+    entries = read_report(report_path)
     if only:
         unknown = sorted(set(only) - {e["name"] for e in entries})
         if unknown:
-            raise SplitError(report_path, f"no classifier named {', '.join(unknown)}")
+            raise RunError(report_path, f"no classifier named {', '.join(unknown)}")
         entries = [e for e in entries if e["name"] in only]
+    run = Verification()
     for entry in entries:
-        pipeline = out / entry["file"]
         try:
-            spec = load_reference(pipeline).spec
-            hwc = _image_shape(spec, pipeline)
-            images = (
-                load_images(images_dir, hwc, count if count else None)
-                if images_dir
-                else synthetic_images(hwc, count)
+            found = _verify_one(out, entry, images_dir, count, tolerances, bundle_main)
+        except Exception as exc:  # not foreseen: this classifier is unverified, the rest go on
+            found = Problem(
+                entry["name"],
+                entry["file"],
+                str(out / entry["file"]),
+                internal_reason(exc),
+                UNVERIFIED,
+                traceback_text(exc),
             )
-            expected = keras_probabilities(Path(entry["source"]), entry["preprocessing"], images)
-            got, labels, bound = coreml_probabilities(pipeline, images, bundle_main)
-            got = _in_label_order(got, labels, entry["labels"], pipeline)
-            storage = _weakest([spec] + [load_reference(out / b).spec for b in bound])
-            results.append(_compare(entry, expected, got, storage, tolerances, bound))
-            say(results[-1].line)
-        except SplitError as exc:
-            errors.append((str(exc.path or pipeline), exc.reason))
-            say(f"[error] {entry['name']}: {exc.reason}")
-    return results, errors
+        if isinstance(found, VerifyResult):
+            run.results.append(found)
+        elif found.status == ERROR:
+            run.errors.append(found)
+        else:
+            run.unverified.append(found)
+        say(found.line)
+    return run
+
+
+def _verify_one(
+    out: Path,
+    entry: dict[str, Any],
+    images_dir: Path | None,
+    count: int,
+    tolerances: dict[str, float],
+    bundle_main: Path | None,
+) -> VerifyResult | Problem:
+    """One classifier: the Core ML side first (its failures are errors of the build), then
+    Keras (its failures leave the classifier unverified)."""
+    from convert.check.reference import load as load_reference
+
+    pipeline = out / entry["file"]
+    try:
+        spec = load_reference(pipeline).spec
+        hwc = _image_shape(spec, pipeline)
+        images = (
+            load_images(images_dir, hwc, count if count else None)
+            if images_dir
+            else synthetic_images(hwc, count)
+        )
+        got, labels, bound = coreml_probabilities(pipeline, images, bundle_main)
+        got = _in_label_order(got, labels, entry["labels"], pipeline)
+        storage = _weakest([spec] + [load_reference(out / b).spec for b in bound])
+    except SplitError as exc:
+        return Problem(entry["name"], entry["file"], str(exc.path or pipeline), exc.reason, ERROR)
+    source = Path(entry["source"])
+    try:
+        expected = keras_probabilities(source, entry["preprocessing"], images)
+    except SplitError as exc:
+        return Problem(
+            entry["name"], entry["file"], str(exc.path or source), exc.reason, UNVERIFIED
+        )
+    try:
+        return _compare(entry, expected, got, storage, tolerances, bound)
+    except SplitError as exc:
+        return Problem(entry["name"], entry["file"], str(exc.path or pipeline), exc.reason, ERROR)
+
+
+# -- report.json -------------------------------------------------------------------------------
+
+_ENTRY_TEXT = ("name", "file", "source", "preprocessing")
+
+
+def read_report(path: Path) -> list[dict[str, Any]]:
+    """The classifier entries of a build's report.json, checked for what verify (and the report
+    written after it) reads. Missing: a RunError saying to convert; damaged: a RunError saying
+    what is wrong and to convert again."""
+    if not path.is_file():
+        raise RunError(path.parent, "no report.json here; run `coreml-split convert` first")
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(path, f"not JSON: {' '.join(str(exc).split())[:120]}") from None
+    problem = _report_problem(report)
+    if problem:
+        raise _damaged(path, problem)
+    return report["classifiers"]
+
+
+def _damaged(path: Path, what: str) -> RunError:
+    return RunError(path, f"is damaged ({what}); run `coreml-split convert` again")
+
+
+def _report_problem(report: Any) -> str | None:
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    for key, kind in (("classifiers", list), ("backbones", list), ("errors", list)):
+        if key not in report:
+            return f"no '{key}'"
+        if not isinstance(report[key], kind):
+            return f"'{key}' is not a list"
+    totals = report.get("totals")
+    if not isinstance(totals, dict) or not isinstance(totals.get("lower_bound_bytes"), int):
+        return "'totals.lower_bound_bytes' is missing or not a number"
+    if not isinstance(report.get("verify", []), list | None):
+        return "'verify' is not a list"
+    for key in ("backbones", "errors", "verify"):
+        for i, item in enumerate(report.get(key) or []):
+            if not isinstance(item, dict):
+                return f"{key}[{i}] is not an object"
+    names: set[str] = set()
+    for i, entry in enumerate(report["classifiers"]):
+        where = f"classifiers[{i}]"
+        if not isinstance(entry, dict):
+            return f"{where} is not an object"
+        for key in _ENTRY_TEXT:
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                return f"{where}: '{key}' is missing or not a string"
+        where = f"classifier '{entry['name']}'"
+        labels = entry.get("labels")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            return f"{where}: 'labels' is missing or not a list of strings"
+        if entry["preprocessing"] not in PREPROCESSING:
+            return f"{where}: unknown preprocessing '{entry['preprocessing']}'"
+        file = Path(entry["file"])
+        if file.is_absolute() or ".." in file.parts:
+            return f"{where}: 'file' {entry['file']!r} is not a file in the build folder"
+        if entry["name"] in names:
+            return f"{where} is listed twice"
+        names.add(entry["name"])
+    return None
 
 
 def _image_shape(spec: Any, path: Path) -> list[int]:
