@@ -203,6 +203,9 @@ def _warn(console, text: str) -> None:
 
 def _run(args, out, err) -> int:
     notice = (lambda _msg: None) if args.quiet else (lambda msg: _say(err, msg))
+    verifying = args.command == "verify" or getattr(args, "verify", False)
+    if verifying and args.count == 0 and args.images is None:
+        raise RunError(None, "--count 0 means every image in --images, and no --images was given")
     if args.command == "verify":
         if not args.build.is_dir():
             raise RunError(args.build, "no such folder; run `coreml-split convert` first")

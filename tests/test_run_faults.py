@@ -127,6 +127,7 @@ def test_out_not_writable_is_one_line_and_exit_2(small_zoo: Path, tmp_path: Path
         (["--atol-float32", "-1"], "argument --atol-float32: -1 is not 0 or more"),
         (["--preprocess", "sepia"], "--preprocess sepia: unknown mode 'sepia'"),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--verify", "--count", "0"], "--count 0 means every image in --images"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
