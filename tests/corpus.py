@@ -336,11 +336,11 @@ CASES: dict[str, Case] = {
     "weight_text": Case(
         "k3",
         _edit_weight("predictions", "bias", _replace(lambda v: np.array([b"x"] * len(v)))),
-        "not a float",
+        "not numbers",
     ),
     # a config that cannot be a model
     "config_not_json": Case("k3", lambda p: _set_config(p, "{'layers': [}"), "not valid JSON"),
-    "config_a_list": Case("k3", lambda p: _set_config(p, "[1, 2, 3]"), "not a Keras model"),
+    "config_a_list": Case("k3", lambda p: _set_config(p, "[1, 2, 3]"), "not an object"),
     "config_not_a_model": Case(
         "k3", _edit_config(lambda c: {"class_name": "Dense", "config": {}}), "not a Keras model"
     ),
