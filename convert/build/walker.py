@@ -25,6 +25,7 @@ import numpy as np
 
 from convert.build.layers.registry import Unsupported, label, lookup
 from convert.build.spec import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE
+from convert.errors import ModelFileError
 from convert.read.graph import Graph, Layer, Node
 from convert.read.h5 import load_weight
 
@@ -143,8 +144,24 @@ class Emitter:
     # -- the file's weights --------------------------------------------------------------------
 
     def weight(self, layer: Layer, name: str, dtype: Any = np.float32) -> np.ndarray:
-        found = next(w for w in layer.weights if w.name == name)
+        """The values of ``layer``'s weight ``name``, as float32 (then ``dtype``). The builder
+        loads no Keras, so it checks what Keras would: the weight is there, of the shape the
+        file declared (:func:`load_weight` checks), and finite. Raises ModelFileError."""
+        found = next((w for w in layer.weights if w.name == name), None)
+        if found is None:
+            raise ModelFileError(
+                self.graph.source,
+                f"layer '{layer.qualified_name}': weight '{name}' is missing from the file",
+            )
         values = np.asarray(load_weight(self.graph.source, found), dtype=np.float32)
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = values.size - int(np.count_nonzero(finite))
+            raise ModelFileError(
+                self.graph.source,
+                f"layer '{layer.qualified_name}': weight '{name}' holds NaN or Inf "
+                f"({bad} of {values.size} values)",
+            )
         return values if dtype == np.float32 else values.astype(dtype)
 
 

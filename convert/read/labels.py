@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from convert.errors import LabelsError
+from convert.read.limits import MAX_LABELS_BYTES, size_text
 
 _NUMBERED = re.compile(r"^(\d+)\s+(.*\S)\s*$")
 
@@ -22,7 +23,15 @@ def labels_file_for(model_path: Path) -> Path | None:
 def read_labels(path: Path) -> list[str]:
     """One label per non-empty line. Teachable Machine's ``0 Name`` lines lose their numbers."""
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        with open(path, "rb") as f:
+            data = f.read(MAX_LABELS_BYTES + 1)  # never more, whatever the file (or device) holds
+        if len(data) > MAX_LABELS_BYTES:
+            raise LabelsError(
+                path,
+                f"labels file is over {size_text(MAX_LABELS_BYTES)}; coreml-split reads at "
+                f"most {size_text(MAX_LABELS_BYTES)}",
+            )
+        lines = [line.strip() for line in data.decode("utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(path, f"cannot read labels: {exc}") from None
     lines = [line for line in lines if line]
