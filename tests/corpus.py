@@ -336,7 +336,7 @@ CASES: dict[str, Case] = {
     "weight_text": Case(
         "k3",
         _edit_weight("predictions", "bias", _replace(lambda v: np.array([b"x"] * len(v)))),
-        "not numbers",
+        "holds |S1",
     ),
     # a config that cannot be a model
     "config_not_json": Case("k3", lambda p: _set_config(p, "{'layers': [}"), "not valid JSON"),

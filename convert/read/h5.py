@@ -84,8 +84,9 @@ def _read_model(path: Path, with_digests: bool) -> Graph:
             file_size = f.id.get_filesize()
         if not has_config:
             with _reading(path, "listing the file's contents"):
-                weights = "layer_names" in f.attrs or "model_weights" in f or "layers" in f
-                weights = weights or len(f.keys()) > 0
+                # Keras 2 save_weights: layer_names; Keras 3 .weights.h5: layers/ and vars/
+                weights = "layer_names" in f.attrs or "model_weights" in f
+                weights = weights or ("layers" in f and "vars" in f)
             if weights:
                 raise ModelFileError(
                     path,
@@ -369,6 +370,15 @@ class _GraphBuilder:
         return node.outputs[index]
 
     def _layer(self, path: tuple[str, ...], class_name: str, config: dict[str, Any]) -> Layer:
+        if not isinstance(class_name, str) or not class_name:
+            raise ModelFileError(
+                self.path, f"layer '{'/'.join(path)}' names no class (class_name {class_name!r})"
+            )
+        if not isinstance(config, dict):
+            raise ModelFileError(
+                self.path,
+                f"layer '{'/'.join(path)}': its config is a {type(config).__name__}, not an object",
+            )
         if class_name in CODE_LAYERS:
             raise ModelFileError(
                 self.path,
@@ -688,7 +698,10 @@ def _is_keras2_ref(value: Any) -> bool:
 
 
 def _entry_name(entry: dict[str, Any]) -> str:
-    return entry.get("name") or entry.get("config", {}).get("name") or "?"
+    name = entry.get("name") or entry.get("config", {}).get("name") or "?"
+    if not isinstance(name, str):
+        raise TypeError(f"a layer's name is a {type(name).__name__}, not a string")
+    return name
 
 
 def _refs(raw: Any) -> list[tuple[str, int, int]]:
