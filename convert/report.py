@@ -304,5 +304,6 @@ def write_reports(report: Report, out: Path) -> None:
     from convert.files import write_atomic
 
     write_atomic(out / "report.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
-    write_atomic(out / "report.svg", svg(report).encode())
-    write_atomic(out / "report.md", markdown(report).encode())
+    # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
+    write_atomic(out / "report.svg", svg(report).encode("utf-8", "surrogateescape"))
+    write_atomic(out / "report.md", markdown(report).encode("utf-8", "surrogateescape"))

@@ -117,6 +117,12 @@ def set_array_shape(feature: Any, shape: list[int]) -> None:
     array.ClearField("ShapeFlexibility")
 
 
+def _utf8(text: str) -> str:
+    """Text for a protobuf string: a file name that is not UTF-8 (held by Python with
+    surrogates for its bad bytes) gets U+FFFD in their place."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def describe(
     spec: Any,
     short: str,
@@ -133,7 +139,7 @@ def describe(
     the tool and the version the tool's."""
     meta = spec.description.metadata
     meta.Clear()
-    meta.shortDescription = short
+    meta.shortDescription = _utf8(short)
     meta.versionString = version or __version__
     meta.author = author or TOOL
     if license:
@@ -141,7 +147,7 @@ def describe(
     meta.userDefined["com.github.apple.coremltools.version"] = _coremltools_version()
     meta.userDefined["coreml-split.version"] = __version__
     for key, value in sorted(user.items()):
-        meta.userDefined[f"coreml-split.{key}"] = value
+        meta.userDefined[f"coreml-split.{key}"] = _utf8(value)
     for feature in spec.description.input:
         if feature.name == IMAGE and feature.type.WhichOneof("Type") == "imageType":
             feature.shortDescription = _image_description(feature, preprocessing)

@@ -94,7 +94,7 @@ def _read_model(path: Path, with_digests: bool) -> Graph:
                 )
             raise ModelFileError(path, "is an HDF5 file but not a Keras model (no model_config)")
         version = _attr(path, f, "keras_version")
-        keras_version = "2" if version is None else _text(version)
+        keras_version = "2" if version is None else _attr_text(path, version, "keras_version")
         config = _model_config(path, f)
         builder = _GraphBuilder(path, keras_version)
         try:
@@ -176,7 +176,7 @@ def _model_config(path: Path, f: Any) -> dict[str, Any]:
     raw = _attr(path, f, "model_config", MAX_CONFIG_BYTES)
     try:
         text = _text(raw)
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:
         raise ModelFileError(path, f"model_config is not UTF-8 text: {exc}") from None
     if len(text) > MAX_CONFIG_BYTES:  # a variable-length string: its size shows once read
         raise ModelFileError(
@@ -239,9 +239,17 @@ def _json_depth(text: str) -> int:
 _GLOBAL_HEAP = b"GCOL\x01\x00\x00\x00"
 
 
+# Files larger than this are searched around their datasets' values, not through them.
+_SKIP_VALUES_ABOVE = 16 << 20
+
+
 def _check_global_heaps(path: Path, f: Any) -> None:
-    """Refuse a file whose global heap collections HDF5 could not walk to their end. About
-    1 ms per 10 MB (one pass of ``bytes.find``; files whose lengths are not 8 bytes skipped)."""
+    """Refuse a file whose global heap collections HDF5 could not walk to their end.
+
+    The collections are found by their signature: in the whole file (0.7 ms per MB), or, in a
+    file over 16 MiB, only between the values of its contiguous datasets, which HDF5 lists
+    without reading any attribute (10 ms for a 95 MB ResNet50 file, instead of 70). Files whose
+    offsets and lengths are not 8 bytes are not searched."""
     import mmap
 
     with _reading(path, "reading the file's layout"):
@@ -251,15 +259,41 @@ def _check_global_heaps(path: Path, f: Any) -> None:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return
+        spans = [(0, size)] if size <= _SKIP_VALUES_ABOVE else _between_values(path, f, size)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            at = data.find(_GLOBAL_HEAP)
-            while at >= 0:
-                problem = _heap_problem(data, at, size)
-                if problem:
-                    raise ModelFileError(
-                        path, f"damaged HDF5 file (global heap at byte {at}: {problem})"
-                    )
-                at = data.find(_GLOBAL_HEAP, at + len(_GLOBAL_HEAP))
+            for start, end in spans:
+                at = data.find(_GLOBAL_HEAP, start, end)
+                while at >= 0:
+                    problem = _heap_problem(data, at, size)
+                    if problem:
+                        raise ModelFileError(
+                            path, f"damaged HDF5 file (global heap at byte {at}: {problem})"
+                        )
+                    at = data.find(_GLOBAL_HEAP, at + len(_GLOBAL_HEAP), end)
+
+
+def _between_values(path: Path, f: Any, size: int) -> list[tuple[int, int]]:
+    """The spans of the file outside the values of its contiguous datasets."""
+    import h5py
+
+    values: list[tuple[int, int]] = []
+
+    def visit(name: bytes, info: Any) -> None:
+        if info.type == h5py.h5o.TYPE_DATASET:
+            dataset = h5py.h5o.open(f.id, name)
+            offset = dataset.get_offset()  # None unless contiguous, in this file
+            if offset is not None:
+                values.append((offset, offset + dataset.get_storage_size()))
+
+    with _reading(path, "listing the file's datasets"):
+        h5py.h5o.visit(f.id, visit, info=True)
+    spans, at = [], 0
+    for start, end in sorted(values):
+        if start > at:
+            spans.append((at, start))
+        at = max(at, end)
+    spans.append((at, size))
+    return spans
 
 
 def _heap_problem(data: Any, at: int, size: int) -> str | None:
@@ -329,7 +363,18 @@ def _child(
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    """An attribute's text. Raises UnicodeError (a ValueError) for bytes that are not UTF-8,
+    also when h5py has already decoded them, with surrogates standing for the bad bytes."""
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    text.encode("utf-8")
+    return text
+
+
+def _attr_text(path: Path, value: Any, what: str) -> str:
+    try:
+        return _text(value)
+    except UnicodeError:
+        raise ModelFileError(path, f"{what} is not UTF-8 text (a damaged file?)") from None
 
 
 class _GraphBuilder:
@@ -730,7 +775,7 @@ def _attach_weights(
     by_top: dict[str, list[Layer]] = {}  # grouped once: a pass per group would be quadratic
     for layer_path, layer in layers.items():
         by_top.setdefault(layer_path[0], []).append(layer)
-    for top in (_text(n) for n in names):
+    for top in (_attr_text(path, n, "a name in layer_names") for n in names):
         group = _child(path, root, top, f"the weights of layer '{top}'")
         if group is None:
             continue
@@ -739,7 +784,7 @@ def _attach_weights(
         owners = _OwnerIndex(by_top.get(top, []))
         opened: dict[str, Any] = {}
         for raw_name in _attr_list(path, group, "weight_names") or []:
-            weight_name = _text(raw_name)
+            weight_name = _attr_text(path, raw_name, f"a weight name of layer '{top}'")
             owner = owners.find(weight_name)
             if owner is None:
                 raise ModelFileError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class SourceCache:
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def _entry(self, path: Path) -> Path:
-        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+        key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()
         return self.root / f"{key}.graph"  # type: ignore[operator]
 
     def graph(self, path: Path) -> Any:
