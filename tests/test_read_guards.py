@@ -239,7 +239,11 @@ def _heap_objects(data: bytes, at: int) -> list[tuple[int, int, int]]:
     return objects
 
 
-def test_a_global_heap_object_of_the_wrong_size(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("large", [False, True])
+def test_a_global_heap_object_of_the_wrong_size(tiny, tmp_path, monkeypatch, large) -> None:
+    """Searched for in the whole file, or (in a large file) around the datasets' values."""
+    if large:
+        monkeypatch.setattr(reader, "_SKIP_VALUES_ABOVE", 0)
     path = _copy(tiny["k2"], tmp_path)
     data = path.read_bytes()
     at = data.index(b"GCOL\x01\x00\x00\x00")

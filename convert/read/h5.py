@@ -282,8 +282,9 @@ def _between_values(path: Path, f: Any, size: int) -> list[tuple[int, int]]:
         if info.type == h5py.h5o.TYPE_DATASET:
             dataset = h5py.h5o.open(f.id, name)
             offset = dataset.get_offset()  # None unless contiguous, in this file
-            if offset is not None:
-                values.append((offset, offset + dataset.get_storage_size()))
+            if offset is not None:  # as the file says: perhaps past its end, if damaged
+                end = offset + dataset.get_storage_size()
+                values.append((min(offset, size), min(end, size)))
 
     with _reading(path, "listing the file's datasets"):
         h5py.h5o.visit(f.id, visit, info=True)

@@ -66,7 +66,7 @@ class SourceCache:
             self.warnings.append(f"{entry}: damaged ({exc}); reading {path} again")
             entry.unlink(missing_ok=True)
             return None
-        if data["versions"] != tool_versions() or data["signature"] != self._signature(path):
+        if data["versions"] != _versions() or data["signature"] != self._signature(path):
             return None  # another version of the tool, or an edited file
         self.hashes[str(path)] = data["sha256"]
         return data["graph"]
@@ -76,7 +76,7 @@ class SourceCache:
         if self.root is None:
             return
         data = {
-            "versions": tool_versions(),
+            "versions": _versions(),
             "signature": self._signature(path),
             "sha256": sha,
             "graph": graph,
@@ -104,3 +104,12 @@ class _GraphUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused to make {module}.{name}")
         return super().find_class(module, name)
+
+
+# What the reader checks changes without a new tool version between releases; a graph read
+# before a check existed (weights tested for NaN since revision 2) is read again.
+READER_REVISION = 2
+
+
+def _versions() -> dict[str, Any]:
+    return {**tool_versions(), "reader": READER_REVISION}
