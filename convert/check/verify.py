@@ -46,10 +46,10 @@ class VerifyResult:
     tolerance: float
     passed: bool
     bound: list[str]  # linked models the evaluator bound, as file names
-    status: str = ""  # PASSED or BEYOND, from ``passed``
 
-    def __post_init__(self) -> None:
-        self.status = PASSED if self.passed else BEYOND
+    @property
+    def status(self) -> str:
+        return PASSED if self.passed else BEYOND
 
     @property
     def line(self) -> str:
@@ -445,4 +445,4 @@ def _compare(
 
 
 def as_json(results: list[VerifyResult]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in results]
+    return [asdict(r) | {"status": r.status} for r in results]

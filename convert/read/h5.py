@@ -67,16 +67,7 @@ def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
 
 
 def _read_model(path: Path, with_digests: bool) -> Graph:
-    import h5py
-
-    try:
-        handle = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise ModelFileError(path, "no such file") from None
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(
-            path, f"not a readable HDF5 file (corrupt or truncated): {_first_line(exc)}"
-        ) from None
+    handle = _open(path)
     with handle as f:
         _check_global_heaps(path, f)
         with _reading(path, "reading the file's attributes"):
@@ -126,6 +117,21 @@ def _read_model(path: Path, with_digests: bool) -> Graph:
 
 
 # -- guarded reading ---------------------------------------------------------------------------
+
+
+def _open(path: Path) -> Any:
+    """The file, open for reading, or one line saying why it cannot be."""
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise ModelFileError(path, "no such file") from None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(
+            path, f"not a readable HDF5 file (corrupt or truncated): {_first_line(exc)}"
+        ) from None
+    return handle
 
 
 def _first_line(exc: BaseException) -> str:
@@ -927,17 +933,8 @@ def _check_finite(path: Path, layer: Layer, name: str, values: np.ndarray) -> No
 def load_weight(path: str | Path, weight: Weight) -> np.ndarray:
     """Read one weight's values from the file, as :func:`read_model` found it: the same
     shape, within the same bounds. Raises :class:`ModelFileError` if it no longer reads."""
-    import h5py
-
     path = Path(path)
-    try:
-        handle = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise ModelFileError(path, "no such file") from None
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(
-            path, f"not a readable HDF5 file (corrupt or truncated): {_first_line(exc)}"
-        ) from None
+    handle = _open(path)
     try:
         with handle as f:
             with _reading(path, "reading the file's size"):

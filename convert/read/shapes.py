@@ -21,13 +21,21 @@ ShapeFn = Callable[[dict[str, Any], list[Shape]], Shape | None]
 SHAPE_RULES: dict[str, ShapeFn] = {}
 
 
-def rule(*class_names: str) -> Callable[[ShapeFn], ShapeFn]:
-    def register(fn: ShapeFn) -> ShapeFn:
-        for name in class_names:
-            SHAPE_RULES[name] = fn
-        return fn
+def _registry(table: dict[str, Any]) -> Callable[..., Callable[[Any], Any]]:
+    """A decorator ``@name("Conv2D", ...)`` that files a function in ``table`` by class name."""
 
-    return register
+    def by_class(*class_names: str) -> Callable[[Any], Any]:
+        def register(fn: Any) -> Any:
+            for name in class_names:
+                table[name] = fn
+            return fn
+
+        return register
+
+    return by_class
+
+
+rule = _registry(SHAPE_RULES)
 
 
 def infer_shapes(graph: Graph, recorded: dict[int, Shape] | None = None) -> None:
@@ -307,13 +315,7 @@ WeightRule = Callable[[dict[str, Any], Shape | None], list[Need]]
 WEIGHT_RULES: dict[str, WeightRule] = {}
 
 
-def weights_rule(*class_names: str) -> Callable[[WeightRule], WeightRule]:
-    def register(fn: WeightRule) -> WeightRule:
-        for name in class_names:
-            WEIGHT_RULES[name] = fn
-        return fn
-
-    return register
+weights_rule = _registry(WEIGHT_RULES)
 
 
 def check_weights(graph: Graph) -> None:
