@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from convert.read.families import PREPROCESSING
 # and no error, but some classifiers unverified (Keras cannot give a reference); 130:
 # interrupted (Ctrl-C).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNVERIFIED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_MAX_DPROB = 0.05
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +48,24 @@ def _number(kind: type, low: float, high: float | None = None, what: str = ""):
         return value
 
     return parse
+
+
+def _storage(text: str) -> str:
+    from convert.read.manifest import storage_problem
+
+    problem = storage_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _head_storage(text: str) -> str:
+    from convert.read.manifest import storage_problem
+
+    problem = storage_problem(text, allow_auto=False)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 _FRACTION = _number(float, 0.0, 1.0, "a fraction between 0 and 1")
@@ -81,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="share a backbone only if it holds at least this fraction of each member's "
         f"parameters (default {DEFAULT_MIN_SHARED})",
+    )
+    common.add_argument(
+        "--weights",
+        type=_storage,
+        metavar="STORAGE",
+        help="how backbones and standalone models store their weights: float32 (default), "
+        "float16, int8 (8 bits, a scale per output channel), paletteN (an N-bit lookup "
+        "table per weight, N = 1..8), or auto (per layer, the fewest bytes that keep every "
+        "classifier within --max-dprob on --images); overrides zoo.toml",
+    )
+    common.add_argument(
+        "--head-weights",
+        type=_head_storage,
+        metavar="STORAGE",
+        help="the same for the heads (default: as --weights, or zoo.toml)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -127,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="then check every pipeline against Keras"
     )
     convert.add_argument(
+        "--max-dprob",
+        type=_NOT_NEGATIVE,
+        default=DEFAULT_MAX_DPROB,
+        metavar="X",
+        help="--weights auto: the largest change of any probability allowed against float32, "
+        f"on every image (default {DEFAULT_MAX_DPROB:g}); top-1 must not change",
+    )
+    convert.add_argument(
         "--jobs",
         type=_AT_LEAST_ONE,
         default=DEFAULT_JOBS,
@@ -150,6 +193,14 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("build", type=Path, help="a folder written by `coreml-split convert`")
     verify.add_argument(
         "--only", action="append", default=[], metavar="NAME", help="verify only these classifiers"
+    )
+    verify.add_argument(
+        "--compute",
+        choices=("float32", "float16"),
+        default="float32",
+        help="float32 (default): evaluate as Core ML's CPU does; float16: round activations and "
+        "weights to float16 as the GPU and the Neural Engine do, to see how far results move "
+        "on a device (tolerance: the float16 one, or the weights' when weaker)",
     )
     verify.add_argument("--json", action="store_true", help="print JSON instead of lines")
     verify.add_argument("-q", "--quiet", action="store_true", help="print only failures")
@@ -224,7 +275,14 @@ def _run(args, out, err) -> int:
         manifest = load_manifest(args.models)
         sources = SourceCache(args.out if writing else None)
         plan, graphs = make_plan(
-            args.models, per_model, default, args.min_shared, manifest, sources
+            args.models,
+            per_model,
+            default,
+            args.min_shared,
+            manifest,
+            sources,
+            weights=args.weights,
+            head_weights=args.head_weights,
         )
         for line in sources.warnings:
             _warn(err, line)
@@ -276,6 +334,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
         if plan.groups:
             out.print(groups_table(plan))
     started = time.perf_counter()
+    calibration = _calibration(plan, args)
     with _progress(err, show) as progress:
         report = build(
             plan,
@@ -287,6 +346,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             sources,
             backbone_converter=args.backbone_converter,
             warn=lambda line: _warn(err, line),
+            calibration=calibration,
         )
     write_reports(report, args.out)
     if args.json:
@@ -301,6 +361,29 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             _verify_command(args.out, args, out, err)
         return EXIT_FAILED
     return _verify_command(args.out, args, out, err) if args.verify else EXIT_OK
+
+
+def _calibration(plan, args):
+    """What quantized storages calibrate on: --images (with --count), or synthetic images;
+    --weights auto needs real ones."""
+    from convert.build.jobs import Calibration
+    from convert.check.verify import IMAGE_SUFFIXES
+    from convert.files import file_sha256
+    from convert.read.manifest import AUTO
+
+    if args.images is None:
+        if any(g.weights == AUTO for g in plan.groups):
+            raise RunError(None, "--weights auto measures on images: give them with --images DIR")
+        return Calibration(None, 0, args.max_dprob)
+    if not args.images.is_dir():
+        raise RunError(args.images, "no such folder of images (--images)")
+    files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RunError(args.images, "no images (.png, .jpg, ...) in this folder")
+    files = files[: args.count] if args.count else files
+    listing = "".join(f"{p.relative_to(args.images)}:{file_sha256(p)};" for p in files)
+    digest = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
+    return Calibration(args.images, args.count, args.max_dprob, digest)
 
 
 @contextlib.contextmanager
@@ -340,6 +423,7 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         args.bundle_main,
         progress,
         only=getattr(args, "only", None) or None,
+        compute=getattr(args, "compute", "float32"),  # convert --verify: float32
     )
     report_path = build_dir / "report.json"
     try:

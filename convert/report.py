@@ -25,6 +25,8 @@ class BackboneReport:
     split_layer: str
     preprocessing: str
     builder: str = ""  # "direct" (from the .h5 weights) or "coremltools" (ct.convert)
+    weights: str = "float32"  # how its weights are stored
+    choice: dict[str, Any] | None = None  # auto: what was chosen, and every trial
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ClassifierReport:
     classes: int
     labels: list[str] = field(default_factory=list)
     preprocessing: str = "tf"
+    weights: str = "float32"  # how its head (or, standalone, the whole model) stores weights
 
 
 @dataclass
@@ -46,7 +49,8 @@ class Report:
     backbones: list[BackboneReport] = field(default_factory=list)
     classifiers: list[ClassifierReport] = field(default_factory=list)
     errors: list[ErrorEntry] = field(default_factory=list)
-    lower_bound_bytes: int = 0
+    lower_bound_bytes: int = 0  # each distinct weight once, in the storage it is written in
+    lower_bounds: dict[str, int] = field(default_factory=dict)  # the zoo in each one storage
     verify: list[dict[str, Any]] | None = None  # convert.check.verify.VerifyResult as dicts
 
     @classmethod
@@ -56,6 +60,7 @@ class Report:
             classifiers=[ClassifierReport(**c) for c in data["classifiers"]],
             errors=[ErrorEntry(**e) for e in data["errors"]],
             lower_bound_bytes=data["totals"]["lower_bound_bytes"],
+            lower_bounds=data["totals"].get("lower_bounds", {}),
             verify=data.get("verify"),
         )
 
@@ -75,6 +80,7 @@ class Report:
             "ratio": round(one_by_one / written, 3) if written else None,
             "overhead": round(written / essential, 4) if essential else None,
             "lower_bound_bytes": self.lower_bound_bytes,
+            "lower_bounds": dict(self.lower_bounds),
             "errors": len(self.errors),
         }
 
@@ -137,7 +143,8 @@ def groups_table(plan: Plan) -> Any:
         "backbone",
         "members",
         "split after",
-        "bytes (fp32)",
+        "weights",
+        "bytes (est.)",
         "saves",
         "best alternative",
     ):
@@ -149,6 +156,7 @@ def groups_table(plan: Plan) -> Any:
             g.id,
             str(len(g.members)),
             g.split_layer,
+            g.weights,
             mb(g.backbone_bytes),
             mb(g.saved_bytes),
             f"{alternative}: the zoo would save {mb(g.alternative_saved_bytes)}, not {mb(total)}",
@@ -160,19 +168,30 @@ def size_table(report: Report) -> Any:
     from rich.table import Table
 
     table = Table(title="Sizes", title_justify="left")
-    for column in ("file", "role", "bytes", "head", "one by one"):
-        table.add_column(column, justify="left" if column in ("file", "role") else "right")
+    for column in ("file", "role", "weights", "bytes", "head", "one by one"):
+        left = column in ("file", "role", "weights")
+        table.add_column(column, justify="left" if left else "right")
     for b in report.backbones:
-        table.add_row(b.file, f"backbone x{len(b.members)}", kb_or_mb(b.bytes), "", "")
+        table.add_row(b.file, f"backbone x{len(b.members)}", b.weights, kb_or_mb(b.bytes), "", "")
     for c in report.classifiers:
         role = "pipeline" if c.group else "standalone"
         table.add_row(
-            c.file, role, kb_or_mb(c.bytes), kb_or_mb(c.head_bytes), kb_or_mb(c.standalone_bytes)
+            c.file,
+            role,
+            c.weights,
+            kb_or_mb(c.bytes),
+            kb_or_mb(c.head_bytes),
+            kb_or_mb(c.standalone_bytes),
         )
     t = report.totals()
     table.add_section()
     table.add_row(
-        "total written", "", mb(t["written_bytes"]), mb(t["heads_bytes"]), mb(t["one_by_one_bytes"])
+        "total written",
+        "",
+        "",
+        mb(t["written_bytes"]),
+        mb(t["heads_bytes"]),
+        mb(t["one_by_one_bytes"]),
     )
     return table
 
@@ -200,25 +219,39 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
     lines = ["# coreml-split report", "", summary_line(report), ""]
     if picture:
         lines += [f"![bytes shipped, one by one vs split]({picture})", ""]
-    lines += ["| file | role | bytes | head bytes | one-by-one bytes |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "| file | role | weights | bytes | head bytes | one-by-one bytes |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for b in report.backbones:
         how = BUILDER_NOTES.get(b.builder, "")
-        lines.append(f"| {b.file} | backbone, shared by {len(b.members)}{how} | {b.bytes:,} | | |")
+        lines.append(
+            f"| {b.file} | backbone, shared by {len(b.members)}{how} | {b.weights} "
+            f"| {b.bytes:,} | | |"
+        )
     for c in report.classifiers:
         role = f"pipeline on {c.group}" if c.group else "standalone"
         lines.append(
-            f"| {c.file} | {role} | {c.bytes:,} | {c.head_bytes:,} | {c.standalone_bytes:,} |"
+            f"| {c.file} | {role} | {c.weights} | {c.bytes:,} | {c.head_bytes:,} "
+            f"| {c.standalone_bytes:,} |"
         )
     lines += [
-        f"| **total** | | **{t['written_bytes']:,}** | {t['heads_bytes']:,} "
+        f"| **total** | | | **{t['written_bytes']:,}** | {t['heads_bytes']:,} "
         f"| **{t['one_by_one_bytes']:,}** |",
         "",
         f"- Saved: {t['saved_bytes']:,} bytes ({t['ratio']}x smaller than one by one).",
         f"- Written / (backbones + heads): {t['overhead']}.",
-        f"- Lower bound (unique parameters x 4 bytes): {t['lower_bound_bytes']:,} bytes.",
+        f"- Lower bound (each distinct weight once, in the storage it is written in: "
+        f"parameters x bits / 8, plus quantization tables): {t['lower_bound_bytes']:,} bytes.",
         "- One-by-one bytes are measured: each classifier's backbone and head merged into one "
         "NeuralNetworkClassifier, whose exact serialised size protobuf reports.",
     ]
+    if report.lower_bounds:
+        bounds = ", ".join(f"{s} {n:,}" for s, n in report.lower_bounds.items())
+        lines.append(f"- The zoo's lower bound in each storage, in bytes: {bounds}.")
+    for b in report.backbones:
+        if b.choice:
+            lines += _choice_table(b)
     if report.verify is not None:
         lines += [
             "",
@@ -240,6 +273,30 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
     if report.errors:
         lines += ["", "## Errors", ""] + [f"- `{e.file}`: {e.reason}" for e in report.errors]
     return "\n".join(lines) + "\n"
+
+
+def _choice_table(backbone: BackboneReport) -> list[str]:
+    """What --weights auto tried for one backbone: bytes against fidelity, on its images."""
+    choice = backbone.choice or {}
+    kept = choice.get("layers", {})
+    lines = [
+        "",
+        f"## Weights chosen for {backbone.file}",
+        "",
+        f"Chosen: {choice.get('base')} for the backbone, with {len(kept)} layers kept larger "
+        f"({', '.join(sorted(set(kept.values()))) or 'none'}), heads {choice.get('heads')}; "
+        f"{len(choice.get('trials', []))} trials in {choice.get('seconds', 0):.0f} s. Each "
+        "trial's fidelity is measured against float32 on the images given.",
+        "",
+        "| trial | bytes | max abs dprob | top-1 agreement | within budget |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for t in choice.get("trials", []):
+        lines.append(
+            f"| {t['what']} | {t['bytes']:,} | {t['max_dprob']:.2e} | {t['top1']:.0%} "
+            f"| {'yes' if t['passed'] else 'no'} |"
+        )
+    return lines
 
 
 def svg(report: Report) -> str:

@@ -176,7 +176,7 @@ def test_unknown_model_key(tmp_path: Path) -> None:
 
 def test_unknown_backbone_key(tmp_path: Path) -> None:
     message = fails(tmp_path, '[backbones.ResNet]\nfile = "x"\n')
-    assert "backbones.ResNet.file: unknown key (known: name)" in message
+    assert "backbones.ResNet.file: unknown key (known: name, weights)" in message
 
 
 def test_labels_not_allowed_in_defaults(tmp_path: Path) -> None:

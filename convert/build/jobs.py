@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from convert.build.cache import Cache, recipe
+from convert.errors import RunError
 from convert.files import tool_versions
 from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan, Plan
 from convert.read.graph import Graph, PackedGraphs
-from convert.read.manifest import Manifest, ModelSettings
+from convert.read.manifest import AUTO, FLOAT16, FLOAT32, Manifest, ModelSettings
 from convert.read.sources import SourceCache
 
 Progress = Callable[[str], None]
@@ -25,6 +26,21 @@ DEFAULT_JOBS = 2
 DIRECT = "direct"  # built layer by layer from the .h5 weights (convert/build/network.py)
 COREMLTOOLS = "coremltools"  # traced through TensorFlow and converted with ct.convert
 BACKBONE_CONVERTERS = ("auto", COREMLTOOLS)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What quantized storages are calibrated on, and ``--weights auto`` measures on: the
+    images (their folder, how many, a digest of their bytes; no folder: synthetic images) and
+    the budget of max |dprob| that auto keeps every classifier within."""
+
+    images: Path | None
+    count: int
+    max_dprob: float
+    digest: str = "synthetic"
+
+    def key(self) -> dict[str, Any]:
+        return {"images": self.digest, "count": self.count, "max_dprob": self.max_dprob}
 
 
 @dataclass
@@ -45,6 +61,7 @@ class Job:
     backbone_builder: str = COREMLTOOLS  # DIRECT: from the weights; COREMLTOOLS: ct.convert
     needs_tensorflow: bool = True  # a ct.convert or a Keras load may be needed
     tensorflow_free: bool = False  # no job of this run needs TensorFlow: do not import it
+    calibration: Calibration | None = None  # the images that quantized storages calibrate on
 
     @property
     def label(self) -> str:
@@ -68,6 +85,7 @@ def plan_jobs(
     cache: Cache,
     sources: SourceCache,
     backbone_converter: str = "auto",
+    calibration: Calibration | None = None,
 ) -> list[Job]:
     versions = tool_versions()
     sha = {m.name: sources.sha256(Path(m.source)) for m in plan.models}
@@ -78,16 +96,22 @@ def plan_jobs(
         backbone_file = f"{group.id}.mlmodel"
         input_name = settings[members[0].name].input_name  # make_plan checked they agree
         builder = _backbone_builder(members[0], graphs[members[0].name], backbone_converter)
-        backbone_recipe = recipe(
-            "backbone",
-            versions,
-            _backbone_key(group, members[0]) | {"builder": builder},
-            input_name,
-        )
+        backbone_key = _backbone_key(group, members[0]) | {"builder": builder}
+        if group.weights == AUTO and (calibration is None or calibration.images is None):
+            raise RunError(None, f"backbone {group.id}: weights = auto measures on --images")
+        if group.weights not in (FLOAT32, FLOAT16):
+            assert calibration is not None
+            backbone_key |= {"calibration": calibration.key()}
+        if group.weights == AUTO:  # the choice weighs every member's head: a new one may move it
+            backbone_key |= {"members": [(m.name, sha[m.name], m.weights) for m in members]}
+        backbone_recipe = recipe("backbone", versions, backbone_key, input_name)
         recipes = {backbone_file: backbone_recipe}
         for m in members:
             recipes[f"{m.name}.mlmodel"] = recipe(
-                "pipeline", versions, backbone_recipe, _model_key(m, sha[m.name], settings[m.name])
+                "pipeline",
+                versions,
+                backbone_recipe,
+                _model_key(m, sha[m.name], settings[m.name]) | _calibrated(m, calibration),
             )
         stale = [m.name for m in members if not cache.fresh(*_output(m, recipes))]
         write_backbone = cache.fresh(backbone_file, backbone_recipe) is None
@@ -109,6 +133,7 @@ def plan_jobs(
                 input_name=input_name,
                 backbone_builder=builder,
                 needs_tensorflow=needs_tf,
+                calibration=calibration,
             )
         )
     for m in plan.models:
@@ -117,6 +142,7 @@ def plan_jobs(
             file = f"{m.name}.mlmodel"
             builder = _standalone_builder(m, graphs[m.name], backbone_converter)
             key = _model_key(m, sha[m.name], settings) | {"builder": builder}
+            key |= _calibrated(m, calibration)
             wanted = recipe("standalone", versions, key)
             jobs.append(
                 Job(
@@ -131,6 +157,7 @@ def plan_jobs(
                     write_backbone=False,
                     backbone_builder=builder,
                     needs_tensorflow=builder != DIRECT,
+                    calibration=calibration,
                 )
             )
     return jobs
@@ -194,7 +221,15 @@ def _backbone_key(group: GroupPlan, first: ModelPlan) -> dict[str, Any]:
         "family": group.family,
         "split_layer": group.split_layer,
         "feature_shape": group.feature_shape,
+        "weights": group.weights,
     }
+
+
+def _calibrated(model: ModelPlan, calibration: Calibration | None) -> dict[str, Any]:
+    """A quantized head's bytes depend on the images it was calibrated on."""
+    if model.weights in (FLOAT32, FLOAT16) or calibration is None:
+        return {}
+    return {"calibration": calibration.key()}
 
 
 def _model_key(model: ModelPlan, sha256: str, settings: ModelSettings) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from convert.build import spec as specs
 from convert.build.layers import Unsupported
 from convert.build.layers.preprocessing import image_std
+from convert.build.layers.weights import FULL, Precision, StorageError
 from convert.build.spec import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE
 from convert.build.walker import NCHW, VECTOR, Blob, Emitter, to_keras_order, walk
 from convert.errors import ConversionError
@@ -92,9 +93,11 @@ def _features(shape: list[int], layout: str) -> Blob:
     return Blob(FEATURES, shape)
 
 
-def build_backbone(graph: Graph, split: int, pre: Preprocessing, hwc: list[int]) -> Any:
+def build_backbone(
+    graph: Graph, split: int, pre: Preprocessing, hwc: list[int], precision: Precision = FULL
+) -> Any:
     """The shared backbone: image in, FEATURES out. Check with :func:`supported` first."""
-    return _network(graph, graph.inputs[0], split, NCHW, None, pre, hwc, None)
+    return _network(graph, graph.inputs[0], split, NCHW, None, pre, hwc, None, precision)
 
 
 def build_head(
@@ -103,19 +106,30 @@ def build_head(
     labels: list[str],
     feature_shape: list[int],
     layout: str | None = None,
+    precision: Precision = FULL,
 ) -> Any:
     """A head as a NeuralNetworkClassifier: FEATURES (``feature_shape``, NHWC with its batch 1)
     in, class probabilities and label out. ``layout`` defaults to :func:`head_layout`."""
     layout = layout or head_layout(graph, split, graph.outputs[0]) or VECTOR
     labels = [str(x) for x in labels]
-    return _network(graph, split, graph.outputs[0], layout, labels, None, None, feature_shape)
+    return _network(
+        graph, split, graph.outputs[0], layout, labels, None, None, feature_shape, precision
+    )
 
 
-def build_classifier(graph: Graph, labels: list[str], pre: Preprocessing, hwc: list[int]) -> Any:
+def build_classifier(
+    graph: Graph,
+    labels: list[str],
+    pre: Preprocessing,
+    hwc: list[int],
+    precision: Precision = FULL,
+) -> Any:
     """The whole model as one NeuralNetworkClassifier, for models that share nothing; check
     with ``supported(graph, graph.outputs[0])``."""
     labels = [str(x) for x in labels]
-    return _network(graph, graph.inputs[0], graph.outputs[0], NCHW, labels, pre, hwc, None)
+    return _network(
+        graph, graph.inputs[0], graph.outputs[0], NCHW, labels, pre, hwc, None, precision
+    )
 
 
 def _network(
@@ -127,9 +141,11 @@ def _network(
     pre: Preprocessing | None,
     hwc: list[int] | None,
     feature_shape: list[int] | None,
+    precision: Precision = FULL,
 ) -> Any:
     """From the image (``pre``, ``hwc``) or from the features (``feature_shape``) to ``stop``:
-    a NeuralNetwork with output FEATURES, or with ``labels`` a NeuralNetworkClassifier."""
+    a NeuralNetwork with output FEATURES, or with ``labels`` a NeuralNetworkClassifier, its
+    weights stored as ``precision`` says."""
     coremltools()
     from coremltools.models import datatypes
     from coremltools.models.neural_network import NeuralNetworkBuilder
@@ -147,7 +163,7 @@ def _network(
         disable_rank5_shape_mapping=True,
         use_float_arraytype=True,
     )
-    e = Emitter(graph, layout, builder)
+    e = Emitter(graph, layout, builder, precision)
     what = "backbone" if labels is None else ("model" if feature_shape is None else "head")
     try:
         if feature_shape is None:
@@ -173,6 +189,10 @@ def _network(
             raise Unsupported(f"{len(labels)} labels for an output of shape {out.shape}")
     except Unsupported as exc:
         raise ConversionError(graph.source, f"cannot build the {what} directly: {exc}") from None
+    except StorageError as exc:
+        raise ConversionError(
+            graph.source, f"cannot store the {what} as {precision.kernels}: {exc}"
+        ) from None
     spec = builder.spec
     if feature_shape is None:
         _image_input(spec, pre, h, w, c)

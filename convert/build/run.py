@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from convert.build.cache import Cache
-from convert.build.jobs import DEFAULT_JOBS, Job, JobResult, Progress, plan_jobs
+from convert.build.jobs import DEFAULT_JOBS, Calibration, Job, JobResult, Progress, plan_jobs
 from convert.build.workers import Workers, run_jobs
 from convert.plan.types import Plan
 from convert.read.graph import Graph
-from convert.read.manifest import Manifest
+from convert.read.manifest import AUTO, Manifest
 from convert.read.sources import SourceCache
 from convert.report import BackboneReport, ClassifierReport, Report
 
@@ -31,6 +31,7 @@ def build(
     sources: SourceCache | None = None,
     backbone_converter: str = "auto",
     warn: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> Report:
     """Build what is stale: one job here, several in up to ``jobs`` worker processes.
 
@@ -38,14 +39,26 @@ def build(
     layer is covered (convert/build/layers/) and converts it with ct.convert otherwise;
     "coremltools" always converts with ct.convert.
 
-    ``warn`` gets one line per damaged cache entry that was dropped (and rebuilt)."""
+    ``warn`` gets one line per damaged cache entry that was dropped (and rebuilt). ``calibration``
+    holds the images (and auto's budget) that quantized storages are calibrated on."""
     say = progress or (lambda _msg: None)
     manifest = manifest or Manifest()
-    report = Report(errors=list(plan.errors), lower_bound_bytes=plan.lower_bound_bytes)
+    report = Report(
+        errors=list(plan.errors),
+        lower_bound_bytes=plan.lower_bound_bytes,
+        lower_bounds=plan.lower_bounds(),
+    )
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)
     work = plan_jobs(
-        plan, graphs, out, manifest, cache, sources or SourceCache(None), backbone_converter
+        plan,
+        graphs,
+        out,
+        manifest,
+        cache,
+        sources or SourceCache(None),
+        backbone_converter,
+        calibration or Calibration(None, 0, 0.0),
     )
     todo = [job for job in work if job.stale or job.write_backbone]
     # TensorFlow costs seconds to import; coremltools imports it unless told not to. When no
@@ -93,6 +106,19 @@ def _remove_leftovers(plan: Plan, work: list[Job], cache: Cache, say: Progress) 
         say(f"removed {file}: no longer in the zoo")
 
 
+def _choice(cache: Cache, key: str) -> dict | None:
+    """What --weights auto chose for a backbone (kept in the cache beside its spec)."""
+    import json
+
+    from convert.build.work import choice_key
+
+    data = cache.get(choice_key(key))
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
 def _collect(job: Job, cache: Cache, report: Report) -> None:
     """Report rows for the job's files that exist and are current."""
     if job.group is not None:
@@ -110,6 +136,8 @@ def _collect(job: Job, cache: Cache, report: Report) -> None:
                     split_layer=group.split_layer,
                     preprocessing=group.preprocessing,
                     builder=job.backbone_builder,
+                    weights=group.weights,
+                    choice=_choice(cache, job.recipes[file]) if group.weights == AUTO else None,
                 )
             )
     for model in job.models:

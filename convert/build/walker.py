@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from convert.build.layers.registry import Unsupported, label, lookup
+from convert.build.layers.weights import FULL, Precision
 from convert.build.spec import CLASS_LABEL, CLASS_PROBS, FEATURES, IMAGE
 from convert.errors import ModelFileError
 from convert.read.graph import Graph, Layer, Node
@@ -58,12 +59,15 @@ class Emitter:
     ``builder=None``, only checked. ``blob`` and ``shape`` are the current tensor: a translation
     writes layers from it with :meth:`add`, each of which moves it on."""
 
-    def __init__(self, graph: Graph, layout: str, builder: Any = None) -> None:
+    def __init__(
+        self, graph: Graph, layout: str, builder: Any = None, precision: Precision = FULL
+    ) -> None:
         if layout not in (NCHW, VECTOR):
             raise ValueError(f"unknown layout {layout}")
         self.graph = graph
         self.layout = layout
         self.builder = builder
+        self.precision = precision  # how each layer's weights are stored
         self.blob = ""
         self.shape: list[int] = []
         self.layers = 0

@@ -8,6 +8,7 @@ and every member is told why.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,15 +17,18 @@ from typing import Any
 from convert.build import ct_convert, network
 from convert.build import pipeline as pipelines
 from convert.build import spec as specs
-from convert.build.cache import Cache
+from convert.build.cache import Cache, recipe
 from convert.build.jobs import DIRECT, Job, JobResult, Progress, head_layout
+from convert.build.layers import weights
+from convert.build.layers.weights import Precision
+from convert.build.spec import FEATURES, IMAGE
 from convert.errors import SplitError
 from convert.files import file_sha256
 from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan
 from convert.read.families import PREPROCESSING
 from convert.read.graph import Graph
 from convert.read.labels import complete_labels
-from convert.read.manifest import ModelSettings
+from convert.read.manifest import AUTO, FLOAT16, FLOAT32, ModelSettings
 from convert.report import ClassifierReport
 
 
@@ -99,12 +103,23 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     key = job.recipes[backbone_file]
     backbone = _cached_spec(cache, key)
     loaded: dict[str, _Objects] = {}
-    if backbone is None:
+    auto = group.weights == AUTO
+    choice = _cached_choice(cache, key) if auto else None
+    if backbone is None or (auto and choice is None):
+        backbone = None
         failure = None
         if job.backbone_builder == DIRECT:
             backbone = _direct_backbone(job, result, say)
         else:
             backbone, failure = _converted_backbone(job, result, loaded, say)
+        if backbone is not None and quantized(group.weights):
+            try:
+                choice = _store_backbone(job, backbone, loaded, say)
+            except SplitError as exc:  # the images do not read: the group cannot be stored
+                backbone, failure = None, exc
+            else:
+                if choice is not None:
+                    cache.put(choice_key(key), json.dumps(choice.to_json()).encode())
         if backbone is None:
             reported = {e.file for e in result.errors}
             for model in job.models:
@@ -131,15 +146,17 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         size = specs.write_spec(job.out / backbone_file, backbone, job.models[0].source)
         result.written[backbone_file] = {"file": backbone_file, "bytes": size}
     shared = _Shared(backbone, backbone_file, _sha_of(job.out / backbone_file))
+    features = _Features(job, backbone)
     for model in job.models:
         if model.name not in job.stale:
             continue
         started = time.perf_counter()
         objects = loaded.get(model.name) or _Objects(job.graphs[model.name], model)
+        storage = choice.heads if choice and model.weights == AUTO else model.weights
         try:
-            head = _head(objects, model)
+            head = _head(objects, model, storage, features)
             file = f"{model.name}.mlmodel"
-            row = _emit_pipeline(model, group, shared, head, job, file)
+            row = _emit_pipeline(model, group, shared, head, job, file) | {"weights": storage}
             result.written[file] = row
             say(f"{model.name}: head and pipeline in {_duration(time.perf_counter() - started)}")
         except SplitError as exc:
@@ -168,6 +185,7 @@ def _converted_backbone(job: Job, result: JobResult, loaded: dict[str, _Objects]
             continue
         try:
             backbone = ct_convert.convert_backbone(objects.graph, keras_layers, model, group)
+            weights.restore(backbone, _precision(group.weights), model.source)
         except SplitError as exc:  # coremltools failed: no member will do
             return None, exc
         loaded[model.name] = objects
@@ -189,6 +207,7 @@ def _direct_backbone(job: Job, result: JobResult, say: Progress):
                 model.split_tensor,
                 PREPROCESSING[group.preprocessing],
                 model.input_shape,
+                _precision(group.weights),
             )
         except SplitError as exc:  # this file's weights do not read; another member's may
             result.errors.append(ErrorEntry(str(exc.path or model.source), exc.reason))
@@ -202,6 +221,99 @@ def _direct_backbone(job: Job, result: JobResult, say: Progress):
         )
         return spec
     return None
+
+
+def quantized(storage: str) -> bool:
+    """Whether a storage is reached from a float32 build, calibrated on images (int8, paletteN,
+    auto); float32 and float16 are written as the network is built."""
+    return storage not in (FLOAT32, FLOAT16)
+
+
+def _precision(storage: str) -> Precision:
+    """What the builder writes: float16 as it goes; anything quantized in float32 first, then
+    stored after calibration (:func:`convert.build.precision.store`)."""
+    return Precision(FLOAT16 if storage == FLOAT16 else FLOAT32)
+
+
+def _calibration_images(job: Job, hwc: list[int]):
+    """The images that calibrate quantization: --images, or deterministic synthetic ones."""
+    from convert.check.verify import load_images, synthetic_images
+
+    calibration = job.calibration
+    if calibration is None or calibration.images is None:
+        return synthetic_images(hwc, CALIBRATION_IMAGES)
+    return load_images(calibration.images, hwc, calibration.count or None)
+
+
+def _store_backbone(job: Job, backbone, loaded: dict[str, _Objects], say: Progress):
+    """Quantize a float32 backbone in place, calibrated on the images; with auto, choose the
+    storage per layer first (the choice is returned)."""
+    from convert.build.precision import choose, input_means, store
+
+    group = job.group
+    assert group is not None
+    images = _calibration_images(job, job.models[0].input_shape)
+    means = input_means(backbone, IMAGE, images)
+    choice = None
+    if group.weights == AUTO:
+        assert job.calibration is not None
+        heads = {}
+        for model in job.models:
+            objects = loaded.get(model.name) or _Objects(job.graphs[model.name], model)
+            loaded[model.name] = objects
+            heads[model.name] = _head(objects, model, FLOAT32, None)
+        say(f"{group.id}: choosing the weight storage on {len(images)} images")
+        choice = choose(
+            backbone,
+            heads,
+            images,
+            job.calibration.max_dprob,
+            say=lambda msg: say(f"{group.id}: {msg}"),
+            fixed_heads={m.name: m.weights for m in job.models if m.weights != AUTO},
+            means=means,
+        )
+        precision = choice.backbone
+    else:
+        precision = Precision(group.weights)
+    store(backbone, precision, means)
+    return choice
+
+
+class _Features:
+    """The backbone's features on the calibration images, computed on first use (a quantized
+    head is calibrated on them)."""
+
+    def __init__(self, job: Job, backbone) -> None:
+        self.job, self.backbone, self._values = job, backbone, None
+
+    def get(self):
+        if self._values is None:
+            from convert.build.precision import run
+
+            images = _calibration_images(self.job, self.job.models[0].input_shape)
+            feed = self.backbone.description.input[0].name
+            self._values = run(self.backbone, feed, images, FEATURES)
+        return self._values
+
+
+CALIBRATION_IMAGES = 16  # synthetic images, when no --images are given
+
+
+def choice_key(key: str) -> str:
+    return recipe(key, "weights choice")
+
+
+def _cached_choice(cache: Cache, key: str):
+    from convert.build.precision import Choice
+
+    data = cache.get(choice_key(key))
+    if data is None:
+        return None
+    try:
+        return Choice.from_json(json.loads(data))
+    except (ValueError, KeyError, TypeError):
+        cache.drop(choice_key(key), "not a weights choice")
+        return None
 
 
 def _duration(seconds: float) -> str:
@@ -227,15 +339,27 @@ def _sha_of(path: Path) -> str:
         return ""
 
 
-def _head(objects: _Objects, model: ModelPlan):
-    """The head spec: built straight from the weights when its layers allow, else converted."""
+def _head(objects: _Objects, model: ModelPlan, storage: str, features: _Features | None):
+    """The head spec: built straight from the weights when its layers allow, else converted;
+    then, for a quantized storage, calibrated on the backbone's ``features``."""
     graph = objects.graph
     assert model.split_tensor is not None
     layout = head_layout(graph, model)
+    precision = _precision(storage)
     if layout is None:
-        return ct_convert.convert_head(graph, objects.get(), model)
-    shape = specs.feature_shape(graph, model.split_tensor)
-    return network.build_head(graph, model.split_tensor, list(model.labels), shape, layout)
+        head = ct_convert.convert_head(graph, objects.get(), model)
+        weights.restore(head, precision, model.source)
+    else:
+        shape = specs.feature_shape(graph, model.split_tensor)
+        head = network.build_head(
+            graph, model.split_tensor, list(model.labels), shape, layout, precision
+        )
+    if quantized(storage) and storage != AUTO:
+        from convert.build.precision import input_means, store
+
+        assert features is not None
+        store(head, Precision(storage), input_means(head, FEATURES, features.get()))
+    return head
 
 
 def _describe_backbone(backbone, group: GroupPlan, settings: ModelSettings) -> None:
@@ -333,6 +457,7 @@ def _classifier_report(
         classes=model.num_classes,
         labels=list(model.labels),
         preprocessing=model.preprocessing,
+        weights=model.weights,
     )
 
 
@@ -344,12 +469,19 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
     say(f"{model.name}: {how} standalone ({model.standalone_reason})")
     try:
         graph = job.graphs[model.name]
+        precision = _precision(model.weights)
         if job.backbone_builder == DIRECT:
             pre = PREPROCESSING[model.preprocessing]
-            spec = network.build_classifier(graph, model.labels, pre, model.input_shape)
+            spec = network.build_classifier(graph, model.labels, pre, model.input_shape, precision)
         else:
             _keras_model, objects = _load(graph, model)
             spec = ct_convert.convert_standalone(graph, objects, model)
+            weights.restore(spec, precision, model.source)
+        if quantized(model.weights):
+            from convert.build.precision import input_means, store
+
+            images = _calibration_images(job, model.input_shape)
+            store(spec, Precision(model.weights), input_means(spec, IMAGE, images))
         specs.name_features(
             spec, settings.input_name, settings.label_name, settings.probabilities_name
         )

@@ -8,15 +8,24 @@ whole zoo (:mod:`convert.plan.grouping`).
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from pathlib import Path
 
 from convert.errors import SplitError
 from convert.plan.cuts import Analysis, analyse
 from convert.plan.grouping import group_models
-from convert.plan.types import DEFAULT_MIN_SHARED, MODEL_SUFFIXES, ErrorEntry, GroupPlan, Plan
+from convert.plan.types import (
+    DEFAULT_MIN_SHARED,
+    MODEL_SUFFIXES,
+    ErrorEntry,
+    GroupPlan,
+    Plan,
+    UniqueWeights,
+)
 from convert.read.graph import PackedGraphs
-from convert.read.manifest import Manifest
+from convert.read.manifest import AUTO, FLOAT16, FLOAT32, Manifest
 from convert.read.sources import SourceCache
 
 # -- discovery ------------------------------------------------------------------------------
@@ -62,11 +71,14 @@ def make_plan(
     min_shared: float = DEFAULT_MIN_SHARED,
     manifest: Manifest | None = None,
     sources: SourceCache | None = None,
+    weights: str | None = None,
+    head_weights: str | None = None,
 ) -> tuple[Plan, PackedGraphs]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
 
     Preprocessing: the command line's choice for a model, else its default, else the
-    manifest's, else what the model's family prescribes."""
+    manifest's, else what the model's family prescribes. Weight storage: see
+    :func:`_storages`."""
     preprocessing = preprocessing or {}
     manifest = manifest or Manifest()
     paths = find_models(root)
@@ -112,15 +124,77 @@ def make_plan(
         )
     plan.groups = group_models(analyses, min_shared)
     plan.models = [a.plan for a in analyses]
+    _storages(plan, manifest, weights, head_weights)
     _name_backbones(plan, manifest)
     _check_input_names(plan, manifest)
-    unique: dict[str, int] = {}
-    for a in analyses:
-        for layer in a.graph.layers():
-            for w in layer.weights:
-                unique[w.digest] = w.size
-    plan.unique_parameters = sum(unique.values())
+    _count_unique(plan, analyses)
     return plan, graphs
+
+
+_KERNELS = ("kernel", "depthwise_kernel", "pointwise_kernel")
+_CONVOLUTIONS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+
+
+def _folded_batchnorms(graph) -> dict[int, bool]:
+    """BatchNormalization nodes the builder folds into the convolution before them (the only
+    reader of a convolution without activation), each with whether that convolution has a
+    bias. Their statistics are not written; the folded bias is."""
+    consumers = graph.consumers()
+    folded = {}
+    for node in graph.nodes:
+        if node.layer.class_name != "BatchNormalization" or len(node.inputs) != 1:
+            continue
+        before = graph.producer(node.inputs[0])
+        conv = before.layer
+        linear = conv.config.get("activation") in (None, "linear")
+        if (
+            conv.class_name in _CONVOLUTIONS
+            and linear
+            and len(consumers.get(node.inputs[0], [])) == 1
+        ):
+            folded[node.index] = any(w.name.split(":")[0] == "bias" for w in conv.weights)
+    return folded
+
+
+def _count_unique(plan: Plan, analyses: list[Analysis]) -> None:
+    """The zoo's distinct weights, by digest: in all, and per storage they are written in (a
+    backbone's weights in its storage, the rest of a model in the model's)."""
+    everywhere: set[str] = set()
+    stored: dict[str, set[str]] = {}
+    groups = {g.id: g for g in plan.groups}
+    for a in analyses:
+        model = a.plan
+        group = groups.get(model.group or "")
+        inside: set[int] = set()
+        if group is not None and model.split_tensor is not None:
+            inside = a.graph.ancestors([model.split_tensor])
+        folded = _folded_batchnorms(a.graph)
+        for node in a.graph.nodes:
+            weights = node.layer.weights
+            if node.index in folded:  # written as the convolution's bias: one value a channel
+                weights = [w for w in weights if w.name.split(":")[0] == "moving_mean"][:1]
+                if folded[node.index]:  # the convolution has a bias already
+                    weights = []
+            for w in weights:
+                storage = group.weights if node.index in inside and group else model.weights
+                short = w.name.split(":")[0]
+                kernel = short in _KERNELS and len(w.shape) >= 2
+                depthwise = (
+                    short == "depthwise_kernel" or node.layer.class_name == "DepthwiseConv2D"
+                )
+                # output channels: [kh, kw, c, m] -> c * m for a depthwise kernel, else the last
+                if depthwise and len(w.shape) == 4:
+                    channels = math.prod(w.shape[2:])
+                else:
+                    channels = w.shape[-1] if w.shape else 1  # a scalar (a count, say)
+                if w.digest not in everywhere:
+                    everywhere.add(w.digest)
+                    plan.unique.add(w.size, kernel, channels)
+                seen = stored.setdefault(storage, set())
+                if w.digest not in seen:
+                    seen.add(w.digest)
+                    plan.stored.setdefault(storage, UniqueWeights()).add(w.size, kernel, channels)
+    plan.unique_parameters = plan.unique.kernel_parameters + plan.unique.other_parameters
 
 
 def _check_input_names(plan: Plan, manifest: Manifest) -> None:
@@ -149,6 +223,38 @@ def _check_input_names(plan: Plan, manifest: Manifest) -> None:
                     f"need one name ({said})",
                 )
             )
+
+
+def _storages(
+    plan: Plan, manifest: Manifest, weights: str | None, head_weights: str | None
+) -> None:
+    """How each backbone and head stores its weights. The command line wins over zoo.toml, as
+    with the preprocessing. A backbone: --weights, else its [backbones] entry, else [defaults].
+    A head (or a standalone model): --head-weights, else the model's head_weights, else
+    --weights, else the model's weights, else float32. ``auto`` is chosen per shared backbone,
+    for it and its heads, when built; a model that shares no backbone is then float16. A
+    backbone stored other than float32 gets an id of its own (family-storage-hash), so that two
+    storages never share a file; a backbone named in zoo.toml keeps that name."""
+    for model in plan.models:
+        s = manifest.for_model(model.name)
+        if model.group is None:
+            model.weights = weights or s.weights or FLOAT32
+            if model.weights == AUTO:  # chosen per shared backbone; a lone model gets float16
+                model.weights = FLOAT16
+        else:
+            model.weights = head_weights or s.head_weights or weights or s.weights or FLOAT32
+    for group in plan.groups:
+        said = manifest.for_backbone(group.id, group.family)
+        group.weights = weights or said.weights or manifest.defaults.weights or FLOAT32
+        if group.weights != FLOAT32 and not said.name:  # a name from zoo.toml is kept
+            old = group.id
+            short = hashlib.sha256(
+                f"{group.fingerprint}:{group.preprocessing}:{group.weights}".encode()
+            ).hexdigest()[:8]
+            group.id = f"{group.family}-{group.weights}-{short}"
+            for model in plan.models:
+                if model.group == old:
+                    model.group = group.id
 
 
 def _name_backbones(plan: Plan, manifest: Manifest) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from convert.errors import internal_reason, traceback_text
+from convert.read.manifest import FLOAT32, STORAGES, palette_bits, storage_bits
 
-BYTES_PER_PARAMETER = 4  # the backbone and heads are written as float32
+BYTES_PER_PARAMETER = 4  # float32; the estimates below count every weight so
 # Share a backbone only if it holds at least this much of each member: a frozen prefix worth a
 # quarter of a model (MobileNetV2 up to its last block) is worth a linked model; a stem of a few
 # layers is not.
@@ -41,6 +42,7 @@ class ModelPlan:
     split_tensor: int | None = None  # tensor id in this model's graph
     head_parameters: int = 0
     standalone_reason: str | None = None
+    weights: str = "float32"  # how its head (or, standalone, the whole model) stores weights
 
     @property
     def num_classes(self) -> int:
@@ -48,8 +50,8 @@ class ModelPlan:
 
     @property
     def head_bytes(self) -> int:
-        """Estimated from parameters, as float32."""
-        return self.head_parameters * BYTES_PER_PARAMETER
+        """Estimated from parameters, at the head's storage."""
+        return self.head_parameters * storage_bits(self.weights) // 8
 
 
 @dataclass
@@ -67,10 +69,12 @@ class GroupPlan:
     saved_bytes: int  # estimated from parameters: (members - 1) x backbone bytes
     alternative: str = ""  # the best plan without this split, for these members
     alternative_saved_bytes: int = 0  # what that plan saves over the whole zoo
+    weights: str = "float32"  # how the backbone stores its weights (or auto: chosen when built)
 
     @property
     def backbone_bytes(self) -> int:
-        return self.backbone_parameters * BYTES_PER_PARAMETER
+        """Estimated from parameters, at the backbone's storage."""
+        return self.backbone_parameters * storage_bits(self.weights) // 8
 
 
 @dataclass
@@ -90,15 +94,57 @@ class ErrorEntry:
 
 
 @dataclass
+class UniqueWeights:
+    """The zoo's distinct weights (by digest) written in one storage, counted for lower bounds:
+    kernels (quantizable) apart from the rest, with the tables quantization adds."""
+
+    kernel_parameters: int = 0
+    kernel_tensors: int = 0  # each palettized kernel carries a table
+    kernel_channels: int = 0  # each int8 kernel a scale and a bias per output channel
+    other_parameters: int = 0  # biases, batch norm statistics, ...
+
+    def add(self, size: int, kernel: bool, channels: int) -> None:
+        if kernel:
+            self.kernel_parameters += size
+            self.kernel_tensors += 1
+            self.kernel_channels += channels
+        else:
+            self.other_parameters += size
+
+    def bytes(self, storage: str) -> int:
+        """Parameters x bits / 8, plus the tables: the least any file format can take."""
+        if storage == FLOAT32:
+            return 4 * (self.kernel_parameters + self.other_parameters)
+        others = 2 * self.other_parameters  # float16 beside any kernel smaller than float32
+        bits = palette_bits(storage)
+        if bits is not None:  # a table per kernel, and a float16 scale per channel
+            tables = 4 * (2**bits) * self.kernel_tensors + 2 * self.kernel_channels
+            return -(-self.kernel_parameters * bits // 8) + tables + others
+        if storage == "int8":
+            return self.kernel_parameters + 8 * self.kernel_channels + others
+        return 2 * self.kernel_parameters + others  # float16 (and auto, until it is built)
+
+
+@dataclass
 class Plan:
     models: list[ModelPlan] = field(default_factory=list)
     groups: list[GroupPlan] = field(default_factory=list)
     errors: list[ErrorEntry] = field(default_factory=list)
     unique_parameters: int = 0
+    # the distinct weights of the zoo: all of them, and those written in each storage used
+    unique: UniqueWeights = field(default_factory=UniqueWeights)
+    stored: dict[str, UniqueWeights] = field(default_factory=dict)
 
     @property
     def lower_bound_bytes(self) -> int:
-        return self.unique_parameters * BYTES_PER_PARAMETER
+        """The least the build can take: each distinct weight once, in its storage."""
+        if not self.stored:
+            return self.unique_parameters * BYTES_PER_PARAMETER
+        return sum(u.bytes(s) for s, u in self.stored.items())
+
+    def lower_bounds(self) -> dict[str, int]:
+        """The lower bound of the whole zoo in each storage, as if every weight were so."""
+        return {s: self.unique.bytes(s) for s in STORAGES}
 
     def model(self, name: str) -> ModelPlan:
         return next(m for m in self.models if m.name == name)

@@ -22,6 +22,10 @@ Format::
     license = "..."
     version = "..."
     preprocessing = "raw"           # tf, unit, raw, caffe or torch
+    weights = "float16"             # its weights' storage: float32, float16, int8 or paletteN
+    head_weights = "int8"           # (N = 1..8); for a model on a shared backbone, weights
+                                    # and head_weights both set its head (head_weights first),
+                                    # and its backbone's storage is set under [backbones]
     input_name = "image"            # Core ML feature names: [A-Za-z_][A-Za-z0-9_]*, and the
     label_name = "classLabel"       # three of one model must differ
     probabilities_name = "classLabelProbs"
@@ -29,6 +33,7 @@ Format::
     [backbones.MobileNetV2] # key = a backbone family ("MobileNetV2"), or a full backbone id
                             # ("MobileNetV2-3fa9c2d1"), which wins over its family
     name = "SharedMobileNet"        # stem of the backbone .mlmodel file: [A-Za-z0-9_.-]+
+    weights = "int8"                # the backbone's storage ([defaults] weights otherwise)
 
 Every problem is a :class:`ManifestError` naming the manifest and the key path
 (``models.cats.labels: ...``), so the user can go straight to the line to fix. This module
@@ -55,12 +60,20 @@ MANIFEST_NAME = "zoo.toml"
 # tests/test_manifest.py checks that the two stay the same.
 PREPROCESSING_NAMES = ("tf", "unit", "raw", "caffe", "torch")
 
+# How weights are stored (see convert/build/layers/weights.py); "auto" lets the build choose
+# per layer, from the images given (--weights auto).
+FLOAT32, FLOAT16, INT8, AUTO = "float32", "float16", "int8", "auto"
+PALETTES = tuple(f"palette{n}" for n in range(1, 9))
+STORAGES = (FLOAT32, FLOAT16, INT8, *PALETTES)
+WEIGHT_CHOICES = (*STORAGES, AUTO)
+
 TOP_LEVEL_KEYS = ("defaults", "models", "backbones")
 TEXT_KEYS = ("display_name", "description", "author", "license", "version")
 FEATURE_KEYS = ("input_name", "label_name", "probabilities_name")
-MODEL_KEYS = tuple(sorted((*TEXT_KEYS, *FEATURE_KEYS, "preprocessing", "labels")))
+STORAGE_KEYS = ("weights", "head_weights")
+MODEL_KEYS = tuple(sorted((*TEXT_KEYS, *FEATURE_KEYS, *STORAGE_KEYS, "preprocessing", "labels")))
 DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k != "labels")
-BACKBONE_KEYS = ("name",)
+BACKBONE_KEYS = ("name", "weights")
 
 _FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FILE_STEM = re.compile(r"[A-Za-z0-9_.-]+")
@@ -71,6 +84,30 @@ _TOML_END = re.compile(r"\s*\(at end of document\)$")
 
 class ManifestError(SplitError):
     """``zoo.toml`` cannot be read or says something coreml-split cannot honour."""
+
+
+def palette_bits(storage: str) -> int | None:
+    """N for ``paletteN``, else None."""
+    return int(storage[7:]) if storage in PALETTES else None
+
+
+def storage_bits(storage: str) -> int:
+    """Bits per kernel value of a storage (auto: unknown until built, counted as float16)."""
+    bits = palette_bits(storage)
+    if bits is not None:
+        return bits
+    return {FLOAT32: 32, FLOAT16: 16, INT8: 8, AUTO: 16}[storage]
+
+
+def storage_problem(value: str, allow_auto: bool = True) -> str | None:
+    """None if ``value`` names a weight storage, else why not (one line)."""
+    choices = WEIGHT_CHOICES if allow_auto else STORAGES
+    if value in choices:
+        return None
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    shown = f"{FLOAT32}, {FLOAT16}, {INT8}, palette1..palette8" + (", auto" if allow_auto else "")
+    return f"unknown weight storage {value!r} ({shown}){hint}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +124,8 @@ class ModelSettings:
     input_name: str | None = None
     label_name: str | None = None
     probabilities_name: str | None = None
+    weights: str | None = None  # a storage name (STORAGES, or auto)
+    head_weights: str | None = None
     labels: tuple[str, ...] | None = None
     labels_source: str | None = None  # the labels file read, or the manifest's name if inline
 
@@ -100,6 +139,7 @@ class BackboneSettings:
     """What the manifest says about one shared backbone."""
 
     name: str | None = None  # stem of the backbone file, instead of its id
+    weights: str | None = None  # its storage, instead of [defaults] weights
 
     def over(self, fallback: BackboneSettings) -> BackboneSettings:
         """These settings, with ``fallback`` filling every field left unsaid."""
@@ -254,9 +294,12 @@ def _model_settings(
         )
     check.known_keys(where, table, DEFAULT_KEYS if defaults else MODEL_KEYS)
     said: dict[str, Any] = {}
-    for key in (*TEXT_KEYS, *FEATURE_KEYS, "preprocessing"):
+    for key in (*TEXT_KEYS, *FEATURE_KEYS, *STORAGE_KEYS, "preprocessing"):
         if key in table:
             said[key] = check.string(_join(where, key), table[key])
+    for key in STORAGE_KEYS:
+        if key in said:
+            _storage(check, _join(where, key), said[key])
     for key in FEATURE_KEYS:
         if key in said:
             _feature_name(check, _join(where, key), said[key])
@@ -338,15 +381,25 @@ def _labels_file(check: _Checker, path: Path, where: str, name: str) -> tuple[tu
 def _backbone_settings(check: _Checker, where: str, value: Any) -> BackboneSettings:
     table = check.table(where, value)
     check.known_keys(where, table, BACKBONE_KEYS)
+    weights = None
+    if "weights" in table:
+        weights = check.string(_join(where, "weights"), table["weights"])
+        _storage(check, _join(where, "weights"), weights)
     if "name" not in table:
-        return BackboneSettings()
+        return BackboneSettings(weights=weights)
     name = check.string(_join(where, "name"), table["name"])
     if not _FILE_STEM.fullmatch(name) or set(name) == {"."}:
         raise check.fail(
             _join(where, "name"),
             f"{name!r} is not a safe file name (letters, digits, _, . and - only)",
         )
-    return BackboneSettings(name=name)
+    return BackboneSettings(name=name, weights=weights)
+
+
+def _storage(check: _Checker, where: str, value: str) -> None:
+    problem = storage_problem(value)
+    if problem:
+        raise check.fail(where, problem)
 
 
 # -- messages ---------------------------------------------------------------------------------

@@ -99,10 +99,11 @@ class Conv:
             for start, end in ((top, bottom), (left, right)):
                 border = conv.valid.paddingAmounts.borderAmounts.add()
                 border.startEdgeSize, border.endEdgeSize = start, end
-            weights.write(conv.weights, self.weights)
+            stored = e.precision
+            weights.write(conv.weights, self.weights, stored.kernel(layer.name), kernel=True)
             conv.hasBias = self.bias is not None
             if self.bias is not None:
-                weights.write(conv.bias, self.bias)
+                weights.write(conv.bias, self.bias, stored.other(layer.name))
 
         e.use(blob)
         return e.raw_layer(base, [1, out_c, *hw], fill)

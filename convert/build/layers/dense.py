@@ -27,9 +27,10 @@ def _dense(e: Any, node: Any, inputs: list) -> Any:
         def fill(spec: Any) -> None:
             p = spec.innerProduct
             p.inputChannels, p.outputChannels, p.hasBias = n_in, n_out, has_bias
-            weights.write(p.weights, e.weight(layer, "kernel").T)  # Keras [in, out]: [out, in]
+            kernel = e.weight(layer, "kernel").T  # Keras [in, out]: [out, in]
+            weights.write(p.weights, kernel, e.precision.kernel(spec.name), kernel=True)
             if has_bias:
-                weights.write(p.bias, e.weight(layer, "bias"))
+                weights.write(p.bias, e.weight(layer, "bias"), e.precision.other(spec.name))
 
     elif e.rank <= 5:  # Dense acts on the last axis; innerProduct would flatten C, H, W
 
@@ -38,9 +39,10 @@ def _dense(e: Any, node: Any, inputs: list) -> Any:
             p.transposeA = p.transposeB = False
             p.weightMatrixFirstDimension, p.weightMatrixSecondDimension = n_in, n_out
             p.hasBias = has_bias
-            weights.write(p.weights, e.weight(layer, "kernel").T)
+            kernel = e.weight(layer, "kernel").T  # stored [out, in], as for innerProduct
+            weights.write(p.weights, kernel, e.precision.kernel(spec.name), kernel=True)
             if has_bias:
-                weights.write(p.bias, e.weight(layer, "bias"))
+                weights.write(p.bias, e.weight(layer, "bias"), e.precision.other(spec.name))
 
     else:
         raise fail(layer, f"input rank {e.rank}")

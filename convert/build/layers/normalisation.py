@@ -63,10 +63,11 @@ def scale_layer(
         p = spec.scale
         p.hasBias = shift is not None
         p.shapeScale.extend(where)
-        weights.write(p.scale, scale)
+        stored = e.precision.other(spec.name)
+        weights.write(p.scale, scale, stored)
         if shift is not None:
             p.shapeBias.extend(where)
-            weights.write(p.bias, shift)
+            weights.write(p.bias, shift, stored)
 
     return e.raw_layer(base, e.shape, fill)
 
@@ -117,10 +118,11 @@ def _keras_order(e: Any, layer: Layer) -> Any:
         p.channels = c
         p.epsilon = eps
         ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
-        weights.write(p.gamma, e.weight(layer, "gamma") if "gamma" in found else ones)
-        weights.write(p.beta, e.weight(layer, "beta") if "beta" in found else zeros)
-        weights.write(p.mean, e.weight(layer, "moving_mean"))
-        weights.write(p.variance, e.weight(layer, "moving_variance"))
+        stored = e.precision.other(spec.name)
+        weights.write(p.gamma, e.weight(layer, "gamma") if "gamma" in found else ones, stored)
+        weights.write(p.beta, e.weight(layer, "beta") if "beta" in found else zeros, stored)
+        weights.write(p.mean, e.weight(layer, "moving_mean"), stored)
+        weights.write(p.variance, e.weight(layer, "moving_variance"), stored)
 
     e.raw_layer(base, e.shape, fill)
     if nhwc:

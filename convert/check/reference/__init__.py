@@ -27,6 +27,9 @@ Conventions:
 - Layers are computed in float32 as the NeuralNetwork.proto formulas describe. A layer kind or
   parameter value outside :data:`REGISTRY`'s coverage raises :class:`UnsupportedLayer`, never
   a guess.
+- ``predict(..., compute="float16")`` rounds as a float16 device (the GPU, the Neural Engine)
+  would: the network inputs, every layer's outputs and the weights go through float16, the
+  math inside a layer stays float32. The default, ``"float32"``, rounds nothing.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from convert.check.reference import features as _features
 from convert.check.reference.errors import LinkedModelNotFound, ReferenceError, UnsupportedLayer
 from convert.check.reference.evaluate import Cache, Evaluator, Scope, read_spec
 from convert.check.reference.network import Network as _Network  # noqa: F401  (fills REGISTRY)
-from convert.check.reference.registry import REGISTRY
+from convert.check.reference.registry import COMPUTES, REGISTRY
 
 __all__ = [
+    "COMPUTES",
     "REGISTRY",
     "LinkedModelNotFound",
     "ReferenceError",
@@ -63,12 +67,19 @@ class ReferenceModel:
         self.bound: list[tuple[str, Path]] = []
         self._cache = Cache()
 
-    def predict(self, inputs: dict[str, Any], *, bundle_main: Path | None = None) -> dict[str, Any]:
-        """Outputs by name for a batch of inputs (see the module docstring for the formats)."""
+    def predict(
+        self,
+        inputs: dict[str, Any],
+        *,
+        bundle_main: Path | None = None,
+        compute: str = "float32",
+    ) -> dict[str, Any]:
+        """Outputs by name for a batch of inputs (see the module docstring for the formats and
+        ``compute``)."""
         source = f"{self.path.resolve()}"
         scope = Scope(self.path, self.path.resolve().parent, source)
         self.bound = []
-        outputs, self.bound = _predict(self.spec, inputs, scope, self._cache, bundle_main)
+        outputs, self.bound = _predict(self.spec, inputs, scope, self._cache, bundle_main, compute)
         return outputs
 
     def __repr__(self) -> str:
@@ -86,14 +97,20 @@ def evaluate_spec(
     *,
     model_dir: Path,
     bundle_main: Path | None = None,
+    compute: str = "float32",
 ) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     """Evaluate an in-memory spec as if it were a file in ``model_dir``: (outputs, bound)."""
     scope = Scope(None, Path(model_dir), f"<spec {id(spec)}>")
-    return _predict(spec, inputs, scope, Cache(), bundle_main)
+    return _predict(spec, inputs, scope, Cache(), bundle_main, compute)
 
 
 def _predict(
-    spec: Any, inputs: dict[str, Any], scope: Scope, cache: Cache, bundle_main: Path | None
+    spec: Any,
+    inputs: dict[str, Any],
+    scope: Scope,
+    cache: Cache,
+    bundle_main: Path | None,
+    compute: str,
 ) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     declared = {f.name: f for f in spec.description.input}
     unknown = sorted(set(inputs) - set(declared))
@@ -109,7 +126,7 @@ def _predict(
             raise ReferenceError(scope.path, f"missing input {name!r}")
         batches[name] = _features.user_input(scope.path, feature, inputs[name])
     _same_batch(scope, batches)
-    evaluator = Evaluator(cache, None if bundle_main is None else Path(bundle_main))
+    evaluator = Evaluator(cache, None if bundle_main is None else Path(bundle_main), compute)
     produced = evaluator.run(spec, batches, scope)
     return _features.user_outputs(produced, spec.description.output), evaluator.bound
 

@@ -19,6 +19,7 @@ from convert.check.reference import features as feat
 from convert.check.reference import linking
 from convert.check.reference.errors import ReferenceError
 from convert.check.reference.network import Network
+from convert.check.reference.registry import COMPUTES
 
 Features = dict[str, Any]
 
@@ -42,10 +43,11 @@ def read_spec(path: Path) -> Any:
 
 @dataclass
 class Cache:
-    """Parsed linked models and prepared networks, reused across predictions."""
+    """Parsed linked models and prepared networks, reused across predictions. A network is
+    prepared once per compute precision: its layers hold weights rounded to that precision."""
 
     specs: dict[Path, tuple[tuple[int, int], Any]] = field(default_factory=dict)
-    networks: dict[tuple[str, str], Network] = field(default_factory=dict)
+    networks: dict[tuple[str, str, str], Network] = field(default_factory=dict)
 
     def spec(self, path: Path) -> tuple[str, Any]:
         """(source key, spec) of a model file, re-read when the file changed."""
@@ -78,11 +80,15 @@ def _join(prefix: str, index: int) -> str:
 
 
 class Evaluator:
-    """Runs specs for one prediction call; records the linked models it binds."""
+    """Runs specs for one prediction call in one compute precision (``"float32"`` or
+    ``"float16"``); records the linked models it binds."""
 
-    def __init__(self, cache: Cache, bundle_main: Path | None) -> None:
+    def __init__(self, cache: Cache, bundle_main: Path | None, compute: str = "float32") -> None:
+        if compute not in COMPUTES:
+            raise ValueError(f"compute {compute!r} is not one of {', '.join(COMPUTES)}")
         self.cache = cache
         self.bundle_main = bundle_main
+        self.compute = compute
         self.bound: list[tuple[str, Path]] = []
 
     def run(self, spec: Any, inputs: Features, scope: Scope) -> Features:
@@ -97,9 +103,10 @@ class Evaluator:
     # -- neural networks ----------------------------------------------------------------------
 
     def network(self, spec: Any, scope: Scope) -> Network:
-        key = (scope.source, scope.key)
+        key = (scope.source, scope.key, self.compute)
         if key not in self.cache.networks:
-            self.cache.networks[key] = Network(getattr(spec, spec.WhichOneof("Type")), scope.path)
+            nn = getattr(spec, spec.WhichOneof("Type"))
+            self.cache.networks[key] = Network(nn, scope.path, self.compute)
         return self.cache.networks[key]
 
     def run_network(self, spec: Any, inputs: Features, scope: Scope, keep: set[str]) -> Features:

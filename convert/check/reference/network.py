@@ -3,6 +3,10 @@
 Layers run in spec order, each through its registry function. A blob is dropped as soon as no
 later layer reads it and it is not an output, so memory stays near the widest point of the
 network rather than its sum.
+
+In float16 compute (see :mod:`convert.check.reference.registry`) the network's inputs and every
+layer's outputs are rounded to float16 as they are written into the blobs, so every layer reads
+float16 values.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 import convert.check.reference.layers  # noqa: F401  (fills the registry)
 from convert.check.reference.errors import ReferenceError, Unsupported, UnsupportedLayer
-from convert.check.reference.registry import REGISTRY, Layer, LayerFn
+from convert.check.reference.registry import REGISTRY, Layer, LayerFn, rounded
 
 
 @dataclass
@@ -27,11 +31,13 @@ class _Step:
 
 
 class Network:
-    """The layers of one NeuralNetwork message, resolved against the registry once."""
+    """The layers of one NeuralNetwork message, resolved against the registry once, for one
+    compute precision (``"float32"`` or ``"float16"``)."""
 
-    def __init__(self, nn: Any, path: Path | None) -> None:
+    def __init__(self, nn: Any, path: Path | None, compute: str = "float32") -> None:
         self.path = path
         self.nn = nn
+        self.compute = compute
         self.steps = [self._step(layer) for layer in nn.layers]
         self.last_read: dict[str, int] = {}
         for index, step in enumerate(self.steps):
@@ -42,12 +48,14 @@ class Network:
         kind = spec_layer.WhichOneof("layer") or "(none)"
         if kind not in REGISTRY:
             raise UnsupportedLayer(self.path, spec_layer.name, kind)
-        layer = Layer(spec_layer.name, kind, getattr(spec_layer, kind, None))
+        layer = Layer(spec_layer.name, kind, getattr(spec_layer, kind, None), self.compute)
         return _Step(layer, REGISTRY[kind], list(spec_layer.input), list(spec_layer.output))
 
     def run(self, blobs: dict[str, np.ndarray], keep: set[str]) -> dict[str, np.ndarray]:
         """Run every layer; ``blobs`` holds the inputs and receives the outputs. Blobs not in
         ``keep`` are dropped after their last reader."""
+        for name, value in blobs.items():
+            blobs[name] = rounded(value, self.compute)
         for index, step in enumerate(self.steps):
             xs = [self._read(blobs, step, name) for name in step.inputs]
             for name, value in zip(step.outputs, self._call(step, xs), strict=True):
@@ -87,4 +95,4 @@ class Network:
                 f"layer {layer.name!r} produced {len(outputs)} outputs for "
                 f"{len(step.outputs)} names",
             )
-        return [np.asarray(y, dtype=np.float32) for y in outputs]
+        return [rounded(np.asarray(y, dtype=np.float32), self.compute) for y in outputs]

@@ -8,6 +8,12 @@ parameters are Core ML axes; :func:`axis` maps them onto the array.
 
 A layer function raises :class:`~convert.check.reference.errors.Unsupported` for a parameter
 value it does not implement; the network reports that as ``UnsupportedLayer`` with the layer's name.
+
+The *compute* precision is what a device would round to: ``"float32"`` (the CPU) or
+``"float16"`` (the GPU and the Neural Engine). In float16 the network rounds its inputs and
+every layer's outputs, and :meth:`Layer.weight` rounds the decoded weights, with
+:func:`rounded`; the math inside a layer stays float32, as a device accumulates in more than
+float16. Layer functions need not know which precision they run in.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ Arrays = list[np.ndarray]
 LayerFn = Callable[["Layer", Arrays], "np.ndarray | Arrays"]
 
 REGISTRY: dict[str, LayerFn] = {}
+COMPUTES = ("float32", "float16")
 
 
 def register(*kinds: str) -> Callable[[LayerFn], LayerFn]:
@@ -47,18 +54,21 @@ class Layer:
     name: str
     kind: str
     params: Any
+    compute: str = "float32"
     _weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def weight(
         self, name: str, shape: Sequence[int] | None = None, axis: int = 0, of: Any = None
     ) -> np.ndarray:
         """The WeightParams field ``name`` of the parameters (or of the sub-message ``of``),
-        decoded once (see :func:`convert.check.reference.weights.decode`)."""
+        decoded once (see :func:`convert.check.reference.weights.decode`) and rounded to the
+        compute precision."""
         key = name if of is None else f"{of.DESCRIPTOR.name}.{name}"
         if key not in self._weights:
             wanted = None if shape is None else tuple(int(d) for d in shape)
             message = self.params if of is None else of
-            self._weights[key] = weights.decode(getattr(message, name), wanted, axis)
+            values = weights.decode(getattr(message, name), wanted, axis)
+            self._weights[key] = rounded(values, self.compute)
         return self._weights[key]
 
     def cached(self, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -77,6 +87,15 @@ class Layer:
 
     def unsupported(self, detail: str) -> NoReturn:
         raise Unsupported(detail)
+
+
+def rounded(x: np.ndarray, compute: str) -> np.ndarray:
+    """``x`` itself in float32; in float16, ``x`` rounded to float16 and back to float32, values
+    beyond float16's range becoming +-inf as on a device."""
+    if compute == "float32":
+        return x
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16).astype(np.float32)
 
 
 # -- helpers shared by the layer families ----------------------------------------------------

@@ -1,0 +1,308 @@
+"""``--weights auto``: the smallest storage per layer that keeps every classifier of a group
+within a budget, measured on the user's images.
+
+Some layers move a network far more than others when their weights are quantized: often the
+first convolution, some depthwise convolutions and the last projections. The search, for one
+backbone and the heads of its members, all built in float32 first:
+
+1. The float32 backbone and heads, run by the reference evaluator on the images, give the
+   features and probabilities every trial is compared with.
+2. Heads: the smallest storage of :data:`HEAD_LADDER` whose heads alone (on the float32
+   features) keep top-1 and stay within half the budget.
+3. Sensitivity: each backbone kernel stored alone at :data:`PROBE` (every other at float16)
+   moves the features by some relative RMS; that, per parameter the layer holds, orders the
+   layers from the most to the least worth protecting.
+4. For each pair of :data:`PAIRS` (a base storage and a larger one), the first k layers of that
+   order are stored in the larger and the rest in the base; bisection finds the smallest k for
+   which every classifier keeps max |dprob| <= the budget and top-1 agreement at 100%.
+5. The passing assignment of the fewest bytes wins (float16 throughout when none of the
+   others passes). Every trial is recorded, with its bytes and fidelity.
+
+Each trial is a spec whose layers are stored through :func:`weights.restore_layer`, the same
+function the final file is written with, so what was measured is what ships.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.build.layers import weights
+from convert.build.layers.weights import Precision
+from convert.read.manifest import FLOAT16, FLOAT32, INT8
+
+PROBE = "palette4"  # the storage each layer's sensitivity is measured at
+# (base, protected): most layers in the base storage, the most sensitive in the other one
+PAIRS = (
+    ("palette4", "palette8"),
+    ("palette6", "palette8"),
+    ("palette4", FLOAT16),
+    ("palette6", FLOAT16),
+    ("palette8", FLOAT16),
+    (INT8, FLOAT16),
+)
+HEAD_LADDER = ("palette6", INT8, FLOAT16)
+BATCH = 8
+
+
+@dataclass
+class Trial:
+    """One assignment tried: what it was, its weight bytes, and how far it moved the heads."""
+
+    what: str
+    bytes: int  # the serialised layers of the backbone and every head
+    max_dprob: float
+    top1: float  # the lowest top-1 agreement over the heads
+    passed: bool
+
+
+@dataclass
+class Choice:
+    """What the search chose for one group."""
+
+    backbone: Precision
+    heads: str
+    trials: list[Trial] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # layer -> relative RMS
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": self.backbone.kernels,
+            "layers": dict(self.backbone.layers),
+            "heads": self.heads,
+            "trials": [t.__dict__ for t in self.trials],
+            "seconds": round(self.seconds, 1),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Choice:
+        return cls(
+            backbone=Precision(data["base"], dict(data["layers"])),
+            heads=data["heads"],
+            trials=[Trial(**t) for t in data["trials"]],
+            seconds=data.get("seconds", 0.0),
+        )
+
+
+class _Stored:
+    """A float32 network and its layers stored in each storage, each made once."""
+
+    def __init__(self, spec: Any, means: dict[str, np.ndarray] | None = None) -> None:
+        self.spec = spec
+        self.means = means or {}
+        self.nn = getattr(spec, spec.WhichOneof("Type"))
+        self.kernels = [layer.name for layer in self.nn.layers if weights.has_kernel(layer)]
+        self.sizes = {
+            layer.name: len(getattr(layer, layer.WhichOneof("layer")).weights.floatValue)
+            for layer in self.nn.layers
+            if weights.has_kernel(layer)
+        }
+        self._layers: dict[tuple[int, str], Any] = {}
+
+    def _layers_at(self, index: int, storage: str) -> list[Any]:
+        """Layer ``index`` stored as ``storage``: the layers that replace it (made once)."""
+        key = (index, storage)
+        if key not in self._layers:
+            layer = type(self.nn.layers[index])()
+            layer.CopyFrom(self.nn.layers[index])
+            mean = self.means.get(layer.name)
+            self._layers[key] = weights.store_layer(layer, Precision(storage), mean)
+        return self._layers[key]
+
+    def _stored(self, precision: Precision) -> list[Any]:
+        out = []
+        for index, layer in enumerate(self.nn.layers):
+            storage = precision.kernel(layer.name)
+            out.extend([layer] if storage == FLOAT32 else self._layers_at(index, storage))
+        return out
+
+    def build(self, precision: Precision) -> Any:
+        """A copy of the spec with every layer stored as ``precision`` says."""
+        spec = type(self.spec)()
+        spec.CopyFrom(self.spec)
+        nn = getattr(spec, spec.WhichOneof("Type"))
+        del nn.layers[:]
+        nn.layers.extend(self._stored(precision))
+        return spec
+
+    def layer_bytes(self, precision: Precision) -> int:
+        return sum(layer.ByteSize() for layer in self._stored(precision))
+
+
+def input_means(spec: Any, feed: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """The mean input of every kernel layer of ``spec`` (one network), per channel, over the
+    batch ``values`` fed to input ``feed`` (and over space for a convolution)."""
+    from convert.check.reference import features as feat
+    from convert.check.reference.network import Network
+
+    nn = getattr(spec, spec.WhichOneof("Type"))
+    layers = [layer for layer in nn.layers if weights.has_kernel(layer)]
+    wanted = {layer.input[0] for layer in layers if len(layer.input) == 1}
+    net = Network(nn, None)
+    declared = next(f for f in spec.description.input if f.name == feed)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for i in range(0, len(values), BATCH):
+        batch = values[i : i + BATCH]
+        if declared.type.WhichOneof("Type") == "imageType":
+            x = feat.image_tensor(None, declared, batch, nn)
+        else:
+            x = feat.array_tensor(None, declared, batch, nn)
+        blobs = net.run({feed: x}, wanted)
+        for name in wanted:
+            blob = np.asarray(blobs[name], dtype=np.float64)
+            if blob.ndim == 2:  # a vector (N, C)
+                blob = blob[:, :, None, None]
+            sums[name] = sums.get(name, 0) + blob.reshape(len(batch), -1, *blob.shape[-2:]).sum(0)
+        count += len(batch)
+    means = {}
+    for layer in layers:
+        total = sums.get(layer.input[0]) if len(layer.input) == 1 else None
+        if total is None:
+            continue
+        total = total / count  # [C, H, W] (or [..., C, 1, 1] for a vector)
+        if layer.WhichOneof("layer") == "convolution":
+            means[layer.name] = total.reshape(total.shape[0], -1).mean(axis=1)
+        else:
+            width = total.size if total.shape[-2:] == (1, 1) else total.shape[-1]
+            means[layer.name] = total.reshape(-1, width).mean(axis=0)
+    return means
+
+
+def store(spec: Any, precision: Precision, means: dict[str, np.ndarray]) -> None:
+    """Store a float32 spec's layers as ``precision`` says, in place, each quantized kernel's
+    bias corrected by its layer's mean input (:func:`input_means`)."""
+    nn = getattr(spec, spec.WhichOneof("Type"))
+    stored = [
+        new
+        for layer in nn.layers
+        for new in weights.store_layer(layer, precision, means.get(layer.name))
+    ]
+    del nn.layers[:]
+    nn.layers.extend(stored)
+
+
+def run(spec: Any, feed: str, values: np.ndarray, want: str) -> np.ndarray:
+    """Output ``want`` of an in-memory spec for the batch ``values`` fed to input ``feed``."""
+    from convert.check.reference import evaluate_spec
+
+    outs = []
+    for i in range(0, len(values), BATCH):
+        got, _ = evaluate_spec(spec, {feed: values[i : i + BATCH]}, model_dir=Path("."))
+        outs.append(np.asarray(got[want], dtype=np.float64))
+    return np.concatenate(outs)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    scale = float(np.sqrt(np.mean(b**2))) or 1.0
+    return float(np.sqrt(np.mean((a - b) ** 2))) / scale
+
+
+def choose(
+    backbone: Any,
+    heads: dict[str, Any],
+    images: np.ndarray,
+    max_dprob: float,
+    say: Callable[[str], None] | None = None,
+    image: str = "image",
+    fixed_heads: dict[str, str] | None = None,
+    means: dict[str, np.ndarray] | None = None,
+) -> Choice:
+    """The storage for ``backbone`` (a float32 spec: image -> features) and the ``heads`` of
+    its members (float32 specs: features -> probabilities), from the uint8 ``images``. Heads
+    named in ``fixed_heads`` keep the storage given there; the rest share the one chosen.
+    ``means``: the backbone layers' mean inputs (:func:`input_means`), for bias correction."""
+    fixed = dict(fixed_heads or {})
+    say = say or (lambda _msg: None)
+    started = time.perf_counter()
+    probs = "__probabilities__"
+    back = _Stored(backbone, means if means is not None else input_means(backbone, image, images))
+    features = run(backbone, image, images, "features")
+    stored_heads = {
+        name: _Stored(spec, input_means(spec, "features", features.astype(np.float32)))
+        for name, spec in heads.items()
+    }
+    expected = {n: run(h, "features", features.astype(np.float32), probs) for n, h in heads.items()}
+    reference_top1 = {n: p.argmax(axis=1) for n, p in expected.items()}
+
+    def fidelity(got: dict[str, np.ndarray]) -> tuple[float, float]:
+        worst = max(float(np.abs(got[n] - expected[n]).max()) for n in got)
+        top1 = min(float(np.mean(got[n].argmax(axis=1) == reference_top1[n])) for n in got)
+        return worst, top1
+
+    def heads_at(storage: str, feats: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            n: run(
+                s.build(Precision(fixed.get(n, storage))),
+                "features",
+                feats.astype(np.float32),
+                probs,
+            )
+            for n, s in stored_heads.items()
+        }
+
+    def head_bytes(storage: str) -> int:
+        return sum(s.layer_bytes(Precision(fixed.get(n, storage))) for n, s in stored_heads.items())
+
+    choice = Choice(backbone=Precision(FLOAT32), heads=FLOAT32)
+    # 2. the heads alone, unless every head's storage is given
+    for storage in HEAD_LADDER if set(heads) - set(fixed) else ():
+        worst, top1 = fidelity(heads_at(storage, features))
+        passed = worst <= max_dprob / 2 and top1 == 1.0
+        choice.trials.append(
+            Trial(f"heads {storage}, backbone float32", head_bytes(storage), worst, top1, passed)
+        )
+        if passed:
+            choice.heads = storage
+            break
+    # 3. sensitivity of each backbone kernel
+    say(f"measuring the sensitivity of {len(back.kernels)} layers on {len(images)} images")
+    order = []
+    for name in back.kernels:
+        moved = run(back.build(Precision(FLOAT16, {name: PROBE})), image, images, "features")
+        choice.sensitivity[name] = _relative(moved, features)
+        order.append((choice.sensitivity[name] / max(back.sizes[name], 1), name))
+    ranked = [name for _, name in sorted(order, reverse=True)]
+
+    def trial(precision: Precision, what: str) -> Trial:
+        feats = run(back.build(precision), image, images, "features")
+        worst, top1 = fidelity(heads_at(choice.heads, feats))
+        size = back.layer_bytes(precision) + head_bytes(choice.heads)
+        t = Trial(what, size, worst, top1, worst <= max_dprob and top1 == 1.0)
+        choice.trials.append(t)
+        say(f"{what}: max |dprob| {worst:.2g}, top-1 {top1:.0%}, {size / 1e6:.2f} MB")
+        return t
+
+    def protected(base: str, kept: str, k: int) -> Precision:
+        return Precision(base, {name: kept for name in ranked[:k]})
+
+    # 4. per pair of storages, the fewest layers to keep in the larger one
+    best: tuple[int, Precision] | None = None
+    for base, kept in PAIRS:
+        if best is not None and back.layer_bytes(Precision(base)) >= best[0]:
+            continue  # even with nothing kept larger, no smaller than the best found
+        low, high = 0, len(ranked)
+        found: tuple[int, Precision] | None = None
+        while low <= high:
+            k = (low + high) // 2
+            precision = protected(base, kept, k)
+            t = trial(precision, f"{base}, {k} of {len(ranked)} layers {kept}")
+            if t.passed:
+                found = (t.bytes, precision)
+                high = k - 1
+            else:
+                low = k + 1
+        if found and (best is None or found[0] < best[0]):
+            best = found
+    if best is None:  # not even float16 kernels (k = all) met the budget
+        say(f"no storage smaller than float32 keeps max |dprob| <= {max_dprob:g}: float32")
+        best = (0, Precision(FLOAT32))
+    choice.backbone = best[1]
+    choice.seconds = time.perf_counter() - started
+    return choice
