@@ -220,3 +220,11 @@ def test_bad_storage_names(tmp_path: Path, capsys) -> None:
     assert stopped.value.code == 2
     said = capsys.readouterr().err
     assert "unknown weight storage 'palette9'" in said and said.count("\n") == 1
+
+
+def test_auto_needs_images(demo_zoo, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "build"
+    assert main(["convert", str(demo_zoo[0]), "--out", str(out), "--weights", "auto"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["error: --weights auto measures on images: give them with --images DIR"]
+    assert not list(out.glob("*.mlmodel"))
