@@ -50,22 +50,18 @@ def _number(kind: type, low: float, high: float | None = None, what: str = ""):
     return parse
 
 
-def _storage(text: str) -> str:
-    from convert.read.manifest import storage_problem
+def _storage_type(allow_auto: bool):
+    """An argparse type: a weight storage name (auto only where ``allow_auto``)."""
 
-    problem = storage_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+    def parse(text: str) -> str:
+        from convert.read.manifest import storage_problem
 
+        problem = storage_problem(text, allow_auto=allow_auto)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return text
 
-def _head_storage(text: str) -> str:
-    from convert.read.manifest import storage_problem
-
-    problem = storage_problem(text, allow_auto=False)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
+    return parse
 
 
 _FRACTION = _number(float, 0.0, 1.0, "a fraction between 0 and 1")
@@ -104,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--weights",
-        type=_storage,
+        type=_storage_type(allow_auto=True),
         metavar="STORAGE",
         help="how backbones and standalone models store their weights: float32 (default), "
         "float16, int8 (8 bits, a scale per output channel), paletteN (an N-bit lookup "
@@ -113,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--head-weights",
-        type=_head_storage,
+        type=_storage_type(allow_auto=False),
         metavar="STORAGE",
         help="the same for the heads (default: as --weights, or zoo.toml)",
     )
@@ -367,20 +363,20 @@ def _calibration(plan, args):
     """What quantized storages calibrate on: --images (with --count), or synthetic images;
     --weights auto needs real ones."""
     from convert.build.jobs import Calibration
-    from convert.check.verify import IMAGE_SUFFIXES
+    from convert.check.verify import image_files
     from convert.files import file_sha256
-    from convert.read.manifest import AUTO
+    from convert.read.manifest import AUTO, calibrated
 
     if args.images is None:
         if any(g.weights == AUTO for g in plan.groups):
             raise RunError(None, "--weights auto measures on images: give them with --images DIR")
         return Calibration(None, 0, args.max_dprob)
+    storages = [g.weights for g in plan.groups] + [m.weights for m in plan.models]
+    if not any(calibrated(s) for s in storages):  # --images for verify only: nothing to hash
+        return Calibration(None, 0, args.max_dprob)
     if not args.images.is_dir():
         raise RunError(args.images, "no such folder of images (--images)")
-    files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise RunError(args.images, "no images (.png, .jpg, ...) in this folder")
-    files = files[: args.count] if args.count else files
+    files = image_files(args.images, args.count or None)
     listing = "".join(f"{p.relative_to(args.images)}:{file_sha256(p)};" for p in files)
     digest = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()
     return Calibration(args.images, args.count, args.max_dprob, digest)

@@ -18,7 +18,7 @@ from convert.errors import RunError
 from convert.files import tool_versions
 from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan, Plan
 from convert.read.graph import Graph, PackedGraphs
-from convert.read.manifest import AUTO, FLOAT16, FLOAT32, Manifest, ModelSettings
+from convert.read.manifest import AUTO, Manifest, ModelSettings, calibrated
 from convert.read.sources import SourceCache
 
 Progress = Callable[[str], None]
@@ -99,7 +99,7 @@ def plan_jobs(
         backbone_key = _backbone_key(group, members[0]) | {"builder": builder}
         if group.weights == AUTO and (calibration is None or calibration.images is None):
             raise RunError(None, f"backbone {group.id}: weights = auto measures on --images")
-        if group.weights not in (FLOAT32, FLOAT16):
+        if calibrated(group.weights):
             assert calibration is not None
             backbone_key |= {"calibration": calibration.key()}
         if group.weights == AUTO:  # the choice weighs every member's head: a new one may move it
@@ -227,7 +227,7 @@ def _backbone_key(group: GroupPlan, first: ModelPlan) -> dict[str, Any]:
 
 def _calibrated(model: ModelPlan, calibration: Calibration | None) -> dict[str, Any]:
     """A quantized head's bytes depend on the images it was calibrated on."""
-    if model.weights in (FLOAT32, FLOAT16) or calibration is None:
+    if not calibrated(model.weights) or calibration is None:
         return {}
     return {"calibration": calibration.key()}
 

@@ -15,11 +15,13 @@ backbone and the heads of its members, all built in float32 first:
 4. For each pair of :data:`PAIRS` (a base storage and a larger one), the first k layers of that
    order are stored in the larger and the rest in the base; bisection finds the smallest k for
    which every classifier keeps max |dprob| <= the budget and top-1 agreement at 100%.
-5. The passing assignment of the fewest bytes wins (float16 throughout when none of the
-   others passes). Every trial is recorded, with its bytes and fidelity.
+5. The passing assignment of the fewest bytes wins (float32 when none passes, not even every
+   kernel in float16). Every trial is recorded, with its bytes and fidelity.
 
-Each trial is a spec whose layers are stored through :func:`weights.restore_layer`, the same
-function the final file is written with, so what was measured is what ships.
+Each trial is a spec whose layers are stored through :func:`weights.store_layer`, the function
+the final file is written with. The backbone ships exactly as measured; a quantized head is
+stored again for the file, calibrated on the stored backbone's features rather than the
+float32 ones, so its bytes may differ slightly from its trial's.
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ class Choice:
     backbone: Precision
     heads: str
     trials: list[Trial] = field(default_factory=list)
-    sensitivity: dict[str, float] = field(default_factory=dict)  # layer -> relative RMS
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -97,12 +98,12 @@ class _Stored:
         self.spec = spec
         self.means = means or {}
         self.nn = getattr(spec, spec.WhichOneof("Type"))
-        self.kernels = [layer.name for layer in self.nn.layers if weights.has_kernel(layer)]
-        self.sizes = {
+        self.sizes = {  # kernel layer -> its parameters, in layer order
             layer.name: len(getattr(layer, layer.WhichOneof("layer")).weights.floatValue)
             for layer in self.nn.layers
             if weights.has_kernel(layer)
         }
+        self.kernels = list(self.sizes)
         self._layers: dict[tuple[int, str], Any] = {}
 
     def _layers_at(self, index: int, storage: str) -> list[Any]:
@@ -263,11 +264,10 @@ def choose(
             break
     # 3. sensitivity of each backbone kernel
     say(f"measuring the sensitivity of {len(back.kernels)} layers on {len(images)} images")
-    order = []
+    order = []  # (relative RMS change of the features, per parameter; layer)
     for name in back.kernels:
         moved = run(back.build(Precision(FLOAT16, {name: PROBE})), image, images, "features")
-        choice.sensitivity[name] = _relative(moved, features)
-        order.append((choice.sensitivity[name] / max(back.sizes[name], 1), name))
+        order.append((_relative(moved, features) / max(back.sizes[name], 1), name))
     ranked = [name for _, name in sorted(order, reverse=True)]
 
     def trial(precision: Precision, what: str) -> Trial:

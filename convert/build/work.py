@@ -28,7 +28,7 @@ from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan
 from convert.read.families import PREPROCESSING
 from convert.read.graph import Graph
 from convert.read.labels import complete_labels
-from convert.read.manifest import AUTO, FLOAT16, FLOAT32, ModelSettings
+from convert.read.manifest import AUTO, FLOAT16, FLOAT32, ModelSettings, calibrated
 from convert.report import ClassifierReport
 
 
@@ -104,6 +104,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
     backbone = _cached_spec(cache, key)
     loaded: dict[str, _Objects] = {}
     auto = group.weights == AUTO
+    calibration = _Calibration(job)
     choice = _cached_choice(cache, key) if auto else None
     if backbone is None or (auto and choice is None):
         backbone = None
@@ -112,9 +113,9 @@ def _group_job(job: Job, say: Progress) -> JobResult:
             backbone = _direct_backbone(job, result, say)
         else:
             backbone, failure = _converted_backbone(job, result, loaded, say)
-        if backbone is not None and quantized(group.weights):
+        if backbone is not None and calibrated(group.weights):
             try:
-                choice = _store_backbone(job, backbone, loaded, say)
+                choice = _store_backbone(job, backbone, loaded, say, calibration)
             except SplitError as exc:  # the images do not read: the group cannot be stored
                 backbone, failure = None, exc
             else:
@@ -146,7 +147,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         size = specs.write_spec(job.out / backbone_file, backbone, job.models[0].source)
         result.written[backbone_file] = {"file": backbone_file, "bytes": size}
     shared = _Shared(backbone, backbone_file, _sha_of(job.out / backbone_file))
-    features = _Features(job, backbone)
+    calibration.backbone = backbone
     for model in job.models:
         if model.name not in job.stale:
             continue
@@ -154,7 +155,7 @@ def _group_job(job: Job, say: Progress) -> JobResult:
         objects = loaded.get(model.name) or _Objects(job.graphs[model.name], model)
         storage = choice.heads if choice and model.weights == AUTO else model.weights
         try:
-            head = _head(objects, model, storage, features)
+            head = _head(objects, model, storage, calibration)
             file = f"{model.name}.mlmodel"
             row = _emit_pipeline(model, group, shared, head, job, file) | {"weights": storage}
             result.written[file] = row
@@ -223,12 +224,6 @@ def _direct_backbone(job: Job, result: JobResult, say: Progress):
     return None
 
 
-def quantized(storage: str) -> bool:
-    """Whether a storage is reached from a float32 build, calibrated on images (int8, paletteN,
-    auto); float32 and float16 are written as the network is built."""
-    return storage not in (FLOAT32, FLOAT16)
-
-
 def _precision(storage: str) -> Precision:
     """What the builder writes: float16 as it goes; anything quantized in float32 first, then
     stored after calibration (:func:`convert.build.precision.store`)."""
@@ -245,14 +240,16 @@ def _calibration_images(job: Job, hwc: list[int]):
     return load_images(calibration.images, hwc, calibration.count or None)
 
 
-def _store_backbone(job: Job, backbone, loaded: dict[str, _Objects], say: Progress):
+def _store_backbone(
+    job: Job, backbone, loaded: dict[str, _Objects], say: Progress, calibration: _Calibration
+):
     """Quantize a float32 backbone in place, calibrated on the images; with auto, choose the
     storage per layer first (the choice is returned)."""
     from convert.build.precision import choose, input_means, store
 
     group = job.group
     assert group is not None
-    images = _calibration_images(job, job.models[0].input_shape)
+    images = calibration.images()
     means = input_means(backbone, IMAGE, images)
     choice = None
     if group.weights == AUTO:
@@ -279,21 +276,28 @@ def _store_backbone(job: Job, backbone, loaded: dict[str, _Objects], say: Progre
     return choice
 
 
-class _Features:
-    """The backbone's features on the calibration images, computed on first use (a quantized
-    head is calibrated on them)."""
+class _Calibration:
+    """A group's calibration images, and the backbone's features on them (a quantized head is
+    calibrated on those), each read or computed once, on first use."""
 
-    def __init__(self, job: Job, backbone) -> None:
-        self.job, self.backbone, self._values = job, backbone, None
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.backbone = None  # set once the backbone is built (or read from the cache)
+        self._images = self._features = None
 
-    def get(self):
-        if self._values is None:
+    def images(self):
+        if self._images is None:
+            self._images = _calibration_images(self.job, self.job.models[0].input_shape)
+        return self._images
+
+    def features(self):
+        if self._features is None:
             from convert.build.precision import run
 
-            images = _calibration_images(self.job, self.job.models[0].input_shape)
+            assert self.backbone is not None
             feed = self.backbone.description.input[0].name
-            self._values = run(self.backbone, feed, images, FEATURES)
-        return self._values
+            self._features = run(self.backbone, feed, self.images(), FEATURES)
+        return self._features
 
 
 CALIBRATION_IMAGES = 16  # synthetic images, when no --images are given
@@ -339,9 +343,9 @@ def _sha_of(path: Path) -> str:
         return ""
 
 
-def _head(objects: _Objects, model: ModelPlan, storage: str, features: _Features | None):
+def _head(objects: _Objects, model: ModelPlan, storage: str, calibration: _Calibration | None):
     """The head spec: built straight from the weights when its layers allow, else converted;
-    then, for a quantized storage, calibrated on the backbone's ``features``."""
+    then, for a quantized storage, calibrated on the backbone's features."""
     graph = objects.graph
     assert model.split_tensor is not None
     layout = head_layout(graph, model)
@@ -354,11 +358,11 @@ def _head(objects: _Objects, model: ModelPlan, storage: str, features: _Features
         head = network.build_head(
             graph, model.split_tensor, list(model.labels), shape, layout, precision
         )
-    if quantized(storage) and storage != AUTO:
+    if calibrated(storage) and storage != AUTO:
         from convert.build.precision import input_means, store
 
-        assert features is not None
-        store(head, Precision(storage), input_means(head, FEATURES, features.get()))
+        assert calibration is not None
+        store(head, Precision(storage), input_means(head, FEATURES, calibration.features()))
     return head
 
 
@@ -477,7 +481,7 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
             _keras_model, objects = _load(graph, model)
             spec = ct_convert.convert_standalone(graph, objects, model)
             weights.restore(spec, precision, model.source)
-        if quantized(model.weights):
+        if calibrated(model.weights):
             from convert.build.precision import input_means, store
 
             images = _calibration_images(job, model.input_shape)

@@ -144,16 +144,21 @@ class Verification:
 # -- images ----------------------------------------------------------------------------------
 
 
+def image_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """The image files under ``folder``, sorted, the first ``limit`` of them if given."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SplitError(folder, "no images (.png, .jpg, ...) in this folder")
+    return files[:limit] if limit else files
+
+
 def load_images(folder: Path, hwc: list[int], limit: int | None = None) -> np.ndarray:
     """Every image in ``folder`` (sorted), resized to the model's input, as uint8 (N, H, W, C)."""
     from PIL import Image
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SplitError(folder, "no images (.png, .jpg, ...) in this folder")
     h, w, c = hwc
     out = []
-    for path in files[:limit] if limit else files:
+    for path in image_files(folder, limit):
         try:
             with Image.open(path) as image:
                 image = image.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)

@@ -91,6 +91,12 @@ def palette_bits(storage: str) -> int | None:
     return int(storage[7:]) if storage in PALETTES else None
 
 
+def calibrated(storage: str) -> bool:
+    """Whether a storage is quantized from a float32 build, calibrated on images (int8,
+    paletteN, auto); float32 and float16 are written as the network is built."""
+    return storage not in (FLOAT32, FLOAT16)
+
+
 def storage_bits(storage: str) -> int:
     """Bits per kernel value of a storage (auto: unknown until built, counted as float16)."""
     bits = palette_bits(storage)

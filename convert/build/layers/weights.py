@@ -32,10 +32,10 @@ import numpy as np
 
 from convert.build import quantize
 from convert.errors import ConversionError
-from convert.read.manifest import FLOAT16, FLOAT32, INT8, palette_bits
+from convert.read.manifest import FLOAT16, FLOAT32, INT8, calibrated, palette_bits
 
-# the layer kinds whose ``weights`` field is a kernel, with the axis of its output channels
-KERNELS = {"convolution": 0, "innerProduct": 0, "batchedMatmul": 0}
+# the layer kinds whose ``weights`` field is a kernel (output channels first, in Core ML's order)
+KERNELS = frozenset({"convolution", "innerProduct", "batchedMatmul"})
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,7 @@ def restore_layer(layer: Any, precision: Precision, input_mean: np.ndarray | Non
             correction = None
         params.ClearField("floatValue")
         write(params, values, storage, kernel=is_kernel)
-        quantized = is_kernel and storage not in (FLOAT32, FLOAT16)
-        if quantized and input_mean is not None and shape is not None:
+        if is_kernel and calibrated(storage) and input_mean is not None and shape is not None:
             correction = _mean_shift(kind, getattr(layer, kind), params, values, input_mean)
     if correction is not None and np.any(correction):  # no bias to correct: give it one
         p = getattr(layer, kind)
