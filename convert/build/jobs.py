@@ -28,6 +28,11 @@ COREMLTOOLS = "coremltools"  # traced through TensorFlow and converted with ct.c
 BACKBONE_CONVERTERS = ("auto", COREMLTOOLS)
 
 
+# how quantization uses the images: 1 bias correction, 2 compensated rounding on the images and
+# their mirror images; a new method changes the bytes of every calibrated file
+CALIBRATION_METHOD = 2
+
+
 @dataclass(frozen=True)
 class Calibration:
     """What quantized storages are calibrated on, and ``--weights auto`` measures on: the
@@ -40,7 +45,12 @@ class Calibration:
     digest: str = "synthetic"
 
     def key(self) -> dict[str, Any]:
-        return {"images": self.digest, "count": self.count, "max_dprob": self.max_dprob}
+        return {
+            "images": self.digest,
+            "count": self.count,
+            "max_dprob": self.max_dprob,
+            "method": CALIBRATION_METHOD,
+        }
 
 
 @dataclass

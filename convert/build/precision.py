@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from convert.build.layers import weights
-from convert.build.layers.weights import Precision
+from convert.build.layers.weights import Inputs, Precision
 from convert.read.manifest import FLOAT16, FLOAT32, INT8
 
 PROBE = "palette4"  # the storage each layer's sensitivity is measured at
@@ -94,9 +94,9 @@ class Choice:
 class _Stored:
     """A float32 network and its layers stored in each storage, each made once."""
 
-    def __init__(self, spec: Any, means: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, spec: Any, inputs: dict[str, Inputs] | None = None) -> None:
         self.spec = spec
-        self.means = means or {}
+        self.inputs = inputs or {}
         self.nn = getattr(spec, spec.WhichOneof("Type"))
         self.sizes = {  # kernel layer -> its parameters, in layer order
             layer.name: len(getattr(layer, layer.WhichOneof("layer")).weights.floatValue)
@@ -112,8 +112,8 @@ class _Stored:
         if key not in self._layers:
             layer = type(self.nn.layers[index])()
             layer.CopyFrom(self.nn.layers[index])
-            mean = self.means.get(layer.name)
-            self._layers[key] = weights.store_layer(layer, Precision(storage), mean)
+            inputs = self.inputs.get(layer.name)
+            self._layers[key] = weights.store_layer(layer, Precision(storage), inputs)
         return self._layers[key]
 
     def _stored(self, precision: Precision) -> list[Any]:
@@ -136,19 +136,22 @@ class _Stored:
         return sum(layer.ByteSize() for layer in self._stored(precision))
 
 
-def input_means(spec: Any, feed: str, values: np.ndarray) -> dict[str, np.ndarray]:
-    """The mean input of every kernel layer of ``spec`` (one network), per channel, over the
-    batch ``values`` fed to input ``feed`` (and over space for a convolution)."""
+def input_statistics(spec: Any, feed: str, values: np.ndarray) -> dict[str, Inputs]:
+    """What the batch ``values`` fed to input ``feed`` of ``spec`` (one network) says about the
+    input of every kernel layer: its mean per channel, and the second moment of what each
+    output reads (:class:`weights.Inputs`)."""
     from convert.check.reference import features as feat
     from convert.check.reference.network import Network
 
     nn = getattr(spec, spec.WhichOneof("Type"))
-    layers = [layer for layer in nn.layers if weights.has_kernel(layer)]
-    wanted = {layer.input[0] for layer in layers if len(layer.input) == 1}
+    moments = {
+        layer.name: _Moments(layer)
+        for layer in nn.layers
+        if weights.has_kernel(layer) and len(layer.input) == 1
+    }
+    wanted = {layer.input[0] for layer in nn.layers if layer.name in moments}
     net = Network(nn, None)
     declared = next(f for f in spec.description.input if f.name == feed)
-    sums: dict[str, np.ndarray] = {}
-    count = 0
     for i in range(0, len(values), BATCH):
         batch = values[i : i + BATCH]
         if declared.type.WhichOneof("Type") == "imageType":
@@ -156,34 +159,86 @@ def input_means(spec: Any, feed: str, values: np.ndarray) -> dict[str, np.ndarra
         else:
             x = feat.array_tensor(None, declared, batch, nn)
         blobs = net.run({feed: x}, wanted)
-        for name in wanted:
-            blob = np.asarray(blobs[name], dtype=np.float64)
-            if blob.ndim == 2:  # a vector (N, C)
-                blob = blob[:, :, None, None]
-            sums[name] = sums.get(name, 0) + blob.reshape(len(batch), -1, *blob.shape[-2:]).sum(0)
-        count += len(batch)
-    means = {}
-    for layer in layers:
-        total = sums.get(layer.input[0]) if len(layer.input) == 1 else None
-        if total is None:
-            continue
-        total = total / count  # [C, H, W] (or [..., C, 1, 1] for a vector)
-        if layer.WhichOneof("layer") == "convolution":
-            means[layer.name] = total.reshape(total.shape[0], -1).mean(axis=1)
-        else:
-            width = total.size if total.shape[-2:] == (1, 1) else total.shape[-1]
-            means[layer.name] = total.reshape(-1, width).mean(axis=0)
-    return means
+        for layer in nn.layers:
+            if layer.name in moments:
+                moments[layer.name].add(np.asarray(blobs[layer.input[0]], dtype=np.float64))
+    found = {name: m.inputs() for name, m in moments.items()}
+    return {name: inputs for name, inputs in found.items() if inputs is not None}
 
 
-def store(spec: Any, precision: Precision, means: dict[str, np.ndarray]) -> None:
-    """Store a float32 spec's layers as ``precision`` says, in place, each quantized kernel's
-    bias corrected by its layer's mean input (:func:`input_means`)."""
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """The images (N, H, W[, C]) and their mirror images: twice the samples for the
+    statistics, and a photograph's mirror image is as likely a photograph."""
+    return np.concatenate([images, images[:, :, ::-1]])
+
+
+class _Moments:
+    """The running sums behind one kernel layer's :class:`weights.Inputs`."""
+
+    def __init__(self, layer: Any) -> None:
+        self.kind = layer.WhichOneof("layer")
+        self.params = getattr(layer, self.kind)
+        self.sum: np.ndarray | float = 0.0
+        self.second: np.ndarray | float = 0.0
+        self.count = 0  # values summed per channel
+        self.samples = 0  # windows (or vectors) in the second moment
+        self.fits = True
+
+    def add(self, blob: np.ndarray) -> None:
+        if not self.fits:
+            return
+        if self.kind == "convolution":
+            if self.params.isDeconvolution or blob.ndim < 3:
+                self.fits = False
+                return
+            self._add_windows(blob.reshape(-1, *blob.shape[-3:]))
+            return
+        width = (
+            self.params.inputChannels
+            if self.kind == "innerProduct"
+            else self.params.weightMatrixFirstDimension
+        )
+        trailing_ones = blob.ndim >= 3 and blob.shape[-3] == width and blob.shape[-2:] == (1, 1)
+        if blob.shape[-1] != width and not trailing_ones:
+            self.fits = False
+            return
+        rows = blob.reshape(-1, width)
+        self.sum = self.sum + rows.sum(axis=0)
+        self.count += len(rows)
+        self.second = self.second + (rows.T @ rows)[None]
+        self.samples += len(rows)
+
+    def _add_windows(self, blob: np.ndarray) -> None:
+        from convert.check.reference.layers.convolution import windows
+
+        groups = self.params.nGroups or 1
+        self.sum = self.sum + blob.sum(axis=(0, 2, 3))
+        self.count += blob.shape[0] * blob.shape[2] * blob.shape[3]
+        for one in blob:  # an image at a time bounds the windows' copy
+            view = windows(self.params, one[None])[0]  # C, Ho, Wo, kh, kw
+            channels, ho, wo, kh, kw = view.shape
+            cols = view.transpose(0, 3, 4, 1, 2).reshape(groups, channels // groups * kh * kw, -1)
+            self.second = self.second + cols @ cols.transpose(0, 2, 1)
+            self.samples += ho * wo
+
+    def inputs(self) -> Inputs | None:
+        if not self.fits or not self.count:
+            return None
+        second = None
+        assert isinstance(self.second, np.ndarray)
+        if self.samples >= self.second.shape[-1]:  # fewer would leave it singular
+            second = self.second / self.samples
+        return Inputs(np.asarray(self.sum) / self.count, second)
+
+
+def store(spec: Any, precision: Precision, inputs: dict[str, Inputs]) -> None:
+    """Store a float32 spec's layers as ``precision`` says, in place, each quantized kernel
+    rounded with compensation and its bias corrected (:func:`input_statistics`)."""
     nn = getattr(spec, spec.WhichOneof("Type"))
     stored = [
         new
         for layer in nn.layers
-        for new in weights.store_layer(layer, precision, means.get(layer.name))
+        for new in weights.store_layer(layer, precision, inputs.get(layer.name))
     ]
     del nn.layers[:]
     nn.layers.extend(stored)
@@ -213,20 +268,23 @@ def choose(
     say: Callable[[str], None] | None = None,
     image: str = "image",
     fixed_heads: dict[str, str] | None = None,
-    means: dict[str, np.ndarray] | None = None,
+    inputs: dict[str, Inputs] | None = None,
 ) -> Choice:
     """The storage for ``backbone`` (a float32 spec: image -> features) and the ``heads`` of
     its members (float32 specs: features -> probabilities), from the uint8 ``images``. Heads
     named in ``fixed_heads`` keep the storage given there; the rest share the one chosen.
-    ``means``: the backbone layers' mean inputs (:func:`input_means`), for bias correction."""
+    ``inputs``: the backbone layers' input statistics (:func:`input_statistics`; else from
+    ``images``), for compensated rounding and bias correction."""
     fixed = dict(fixed_heads or {})
     say = say or (lambda _msg: None)
     started = time.perf_counter()
     probs = "__probabilities__"
-    back = _Stored(backbone, means if means is not None else input_means(backbone, image, images))
+    if inputs is None:
+        inputs = input_statistics(backbone, image, mirrored(images))
+    back = _Stored(backbone, inputs)
     features = run(backbone, image, images, "features")
     stored_heads = {
-        name: _Stored(spec, input_means(spec, "features", features.astype(np.float32)))
+        name: _Stored(spec, input_statistics(spec, "features", features.astype(np.float32)))
         for name, spec in heads.items()
     }
     expected = {n: run(h, "features", features.astype(np.float32), probs) for n, h in heads.items()}

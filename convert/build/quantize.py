@@ -8,12 +8,19 @@ of exactly ``2**numberOfBits`` floats, one per weight). This module turns numpy 
 those indices and parameters and back; writing them into a ``WeightParams`` is
 ``layers/weights.py``'s job, so nothing here imports coremltools or protobuf.
 
+Both quantizers can take the second moment of the weight's inputs, measured on calibration
+images. Each value is then not simply rounded to its nearest grid value or table entry: the
+weights are rounded one input at a time, and the error of each rounding is spread over the
+weights of the inputs not yet rounded, so that the layer's outputs on those inputs move as
+little as possible (:func:`compensated`).
+
 Everything is deterministic: the same values give the same bytes on every run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +28,7 @@ import numpy as np
 FLOAT16_MAX = 65504.0
 LLOYD_ITERATIONS = 30  # per start; each is O(k log n) on the sorted values
 DENSITY_BINS = 4096  # at most, for the histogram the first k-means start is read from
+DAMPING = 0.01  # added to the second moment's diagonal, as a fraction of its mean
 
 
 def float16_bytes(values: np.ndarray) -> bytes:
@@ -61,7 +69,9 @@ class Quantized:
 # -- linear quantization -----------------------------------------------------------------------
 
 
-def linear(values: np.ndarray, bits: int = 8, axis: int | None = 0) -> Quantized:
+def linear(
+    values: np.ndarray, bits: int = 8, axis: int | None = 0, second: np.ndarray | None = None
+) -> Quantized:
     """Asymmetric linear quantization, ``w ≈ q * scale + bias``, one scale and bias per slice
     along ``axis`` (Core ML's output channels: axis 0 for convolution weights
     ``[C_out, C_in/groups, kH, kW]`` and innerProduct weights ``[C_out, C_in]``), or one for the
@@ -72,6 +82,9 @@ def linear(values: np.ndarray, bits: int = 8, axis: int | None = 0) -> Quantized
     Each q is the index of the grid value nearest to w, where the grid is what Core ML computes
     in float32, ``q * scale + bias``; that is ``round((w - bias) / scale)`` except where float32
     rounding moves a grid value across a midpoint.
+
+    With ``second`` (the inputs' second moment, see :func:`compensated`; ``axis`` must be 0),
+    the grid stays the same but the values are rounded with compensation.
     """
     _check_bits(bits)
     x = _finite(values, "linear quantization")
@@ -92,6 +105,16 @@ def linear(values: np.ndarray, bits: int = 8, axis: int | None = 0) -> Quantized
     scale[constant] = 1.0
 
     grid = np.arange(levels, dtype=np.float32) * scale[:, None] + bias[:, None]
+    if second is not None:
+        if axis != 0:
+            raise ValueError("compensated rounding quantizes per output channel (axis 0)")
+        per_group = _grouped(rows, second)
+
+        def snap(w: np.ndarray) -> np.ndarray:
+            flat = w.reshape(channels, 1)
+            return grid[np.arange(channels)[:, None], _nearest_in_rows(grid, flat)].reshape(w.shape)
+
+        rows = compensated(per_group, second, snap).reshape(channels, -1)
     q = _nearest_in_rows(grid, rows)
     q[constant] = 0
     q = np.moveaxis(q.reshape(_moved_shape(x.shape, axis)), 0, axis or 0).ravel()
@@ -134,10 +157,70 @@ def _nearest_in_rows(grid: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return q
 
 
+# -- compensated rounding ------------------------------------------------------------------------
+
+
+def compensated(
+    rows: np.ndarray, second: np.ndarray, snap: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Round ``rows`` ([groups, rows per group, inputs]: output channels in groups, as a grouped
+    convolution has them) to values ``snap`` allows, so that each row's outputs
+    ``row . x`` move as little as possible on average over the inputs x whose second moment
+    E[x x^T] is ``second`` ([groups, inputs, inputs]).
+
+    Rounding one input's weights at a time, the error e it makes in each row is taken back, as
+    far as the inputs' correlation allows, by the inputs still to round: with H the second
+    moment and U the upper Cholesky factor of its inverse, the later weights move by
+    ``-e / U[i, i] * U[i, later]``. This is optimal brain surgery done greedily, in the form
+    Frantar et al. (2022, "GPTQ") made practical. The inputs go in order of decreasing
+    E[x_i^2], so the weights that matter most are rounded while the most inputs remain to take
+    their error. :data:`DAMPING` times the mean of H's diagonal is added to it, and an input
+    that is always zero is rounded to nearest and moves nothing.
+
+    ``snap`` maps values shaped [groups, rows per group] to the nearest allowed ones.
+    """
+    groups, per_group, inputs = rows.shape
+    if second.shape != (groups, inputs, inputs):
+        raise ValueError(f"second moment {second.shape} does not fit rows {rows.shape}")
+    h = np.array(second, dtype=np.float64)
+    diagonal = np.diagonal(h, axis1=1, axis2=2).copy()
+    dead = ~(diagonal > 0)
+    g, i = np.nonzero(dead)
+    h[g, i, :] = 0.0
+    h[g, :, i] = 0.0
+    h[g, i, i] = 1.0
+    diagonal[dead] = 0.0  # dead inputs go last
+    order = np.argsort(-diagonal, axis=1, kind="stable")
+    at = np.arange(groups)[:, None, None]
+    h = h[at, order[:, :, None], order[:, None, :]]
+    w = np.take_along_axis(rows.astype(np.float64), order[:, None, :], axis=2)
+    mean = np.trace(h, axis1=1, axis2=2) / inputs
+    h += DAMPING * mean[:, None, None] * np.eye(inputs)
+    lower_inverse = np.linalg.inv(np.linalg.cholesky(h))
+    upper = np.linalg.cholesky(np.einsum("gki,gkj->gij", lower_inverse, lower_inverse))
+    upper = upper.transpose(0, 2, 1)  # inverse(h) = upper^T upper
+    out = np.empty_like(w)
+    for column in range(inputs):
+        q = snap(w[:, :, column])
+        out[:, :, column] = q
+        error = (w[:, :, column] - q) / upper[:, column, column][:, None]
+        w[:, :, column + 1 :] -= error[:, :, None] * upper[:, None, column, column + 1 :]
+    return np.take_along_axis(out, np.argsort(order, axis=1)[:, None, :], axis=2)
+
+
+def _grouped(rows: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Rows [channels, ...] as [groups, channels per group, inputs] for a second moment
+    [groups, inputs, inputs]."""
+    groups, inputs = second.shape[0], second.shape[-1]
+    if rows.shape[0] % groups or rows[0].size != inputs:
+        raise ValueError(f"second moment {second.shape} does not fit a weight {rows.shape}")
+    return rows.reshape(groups, rows.shape[0] // groups, inputs)
+
+
 # -- lookup tables -------------------------------------------------------------------------------
 
 
-def palette(values: np.ndarray, bits: int) -> Quantized:
+def palette(values: np.ndarray, bits: int, second: np.ndarray | None = None) -> Quantized:
     """A lookup table of ``2**bits`` float32 entries for the whole tensor (Core ML has no
     per-channel tables), by 1-D k-means, and each value's index into it.
 
@@ -155,7 +238,8 @@ def palette(values: np.ndarray, bits: int) -> Quantized:
     midpoints between centroids in the sorted values, and each cluster's mean comes from prefix
     sums. It stops after :data:`LLOYD_ITERATIONS` or when no boundary moves; an empty cluster
     keeps its centroid. A value on a midpoint goes to the lower centroid. Finally each value
-    takes the index of its nearest float32 table entry.
+    takes the index of its nearest float32 table entry; with ``second`` (the inputs' second
+    moment, rows along axis 0, see :func:`compensated`), the entry compensated rounding picks.
     """
     _check_bits(bits)
     x = _finite(values, "a lookup table").ravel()
@@ -173,6 +257,11 @@ def palette(values: np.ndarray, bits: int) -> Quantized:
         errors = [_squared_error(xs, t) for t in tables]
         table = tables[int(np.argmin(errors))]  # the first on a tie
     table = np.concatenate((table, np.repeat(table[-1:], k - table.size)))
+    if second is not None and distinct.size > k:
+        rows = values.reshape(values.shape[0], -1).astype(np.float64)
+        entries = table.astype(np.float64)
+        x = compensated(_grouped(rows, second), second, lambda w: entries[_nearest(table, w)])
+        x = x.ravel()
     return Quantized(bits, pack(_nearest(table, x), bits), [], [], table.tolist())
 
 

@@ -245,12 +245,12 @@ def _store_backbone(
 ):
     """Quantize a float32 backbone in place, calibrated on the images; with auto, choose the
     storage per layer first (the choice is returned)."""
-    from convert.build.precision import choose, input_means, store
+    from convert.build.precision import choose, input_statistics, mirrored, store
 
     group = job.group
     assert group is not None
     images = calibration.images()
-    means = input_means(backbone, IMAGE, images)
+    inputs = input_statistics(backbone, IMAGE, mirrored(images))
     choice = None
     if group.weights == AUTO:
         assert job.calibration is not None
@@ -267,12 +267,12 @@ def _store_backbone(
             job.calibration.max_dprob,
             say=lambda msg: say(f"{group.id}: {msg}"),
             fixed_heads={m.name: m.weights for m in job.models if m.weights != AUTO},
-            means=means,
+            inputs=inputs,
         )
         precision = choice.backbone
     else:
         precision = Precision(group.weights)
-    store(backbone, precision, means)
+    store(backbone, precision, inputs)
     return choice
 
 
@@ -359,10 +359,10 @@ def _head(objects: _Objects, model: ModelPlan, storage: str, calibration: _Calib
             graph, model.split_tensor, list(model.labels), shape, layout, precision
         )
     if calibrated(storage) and storage != AUTO:
-        from convert.build.precision import input_means, store
+        from convert.build.precision import input_statistics, store
 
         assert calibration is not None
-        store(head, Precision(storage), input_means(head, FEATURES, calibration.features()))
+        store(head, Precision(storage), input_statistics(head, FEATURES, calibration.features()))
     return head
 
 
@@ -482,10 +482,10 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
             spec = ct_convert.convert_standalone(graph, objects, model)
             weights.restore(spec, precision, model.source)
         if calibrated(model.weights):
-            from convert.build.precision import input_means, store
+            from convert.build.precision import input_statistics, mirrored, store
 
-            images = _calibration_images(job, model.input_shape)
-            store(spec, Precision(model.weights), input_means(spec, IMAGE, images))
+            images = mirrored(_calibration_images(job, model.input_shape))
+            store(spec, Precision(model.weights), input_statistics(spec, IMAGE, images))
         specs.name_features(
             spec, settings.input_name, settings.label_name, settings.probabilities_name
         )

@@ -8,6 +8,7 @@ or channels in Python.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -102,6 +103,17 @@ def convolution(layer: Layer, xs: list[np.ndarray]) -> np.ndarray:
     if p.hasBias:
         y += layer.weight("bias", (shape[0],))[:, None, None]
     return y.reshape(x.shape[:-3] + y.shape[-3:])
+
+
+def windows(params: Any, x: np.ndarray) -> np.ndarray:
+    """The windows that a convolution with ``params`` (not a deconvolution) reads from ``x``
+    (N, C, H, W), padding applied: a view (N, C, Ho, Wo, kh, kw) of the padded input."""
+    layer = Layer(params.DESCRIPTOR.name, "convolution", params)
+    kernel, stride = _pair(params.kernelSize, 3), _pair(params.stride, 1)
+    dilation = _pair(params.dilationFactor, 1)
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    x4 = _pad_hw(_as_nchw(x), _conv_pads(layer, x.shape[-2:], span, stride))
+    return _windows(x4, kernel, stride, dilation)
 
 
 def _dynamic_weights(layer: Layer, blob: np.ndarray) -> np.ndarray:
