@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _say(console, text: str) -> None:
-    console.print(text, markup=False, highlight=False)
+    """One message, whole: never cropped to the console's width (a pipe's is 140)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _warn(console, text: str) -> None:
@@ -349,8 +350,8 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
         print(json.dumps(report.to_json(), indent=2))
     elif show:
         out.print(size_table(report))
-        out.print(summary_line(report))
-        out.print(f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
+        _say(out, summary_line(report))
+        _say(out, f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
     _print_errors(report.errors, err, args.debug)
     if report.errors:
         if args.verify:
@@ -389,7 +390,7 @@ def _progress(err, show: bool):
         yield None
         return
     if not err.is_terminal:
-        yield lambda msg: err.print(msg, markup=False, highlight=False)
+        yield lambda msg: _say(err, msg)
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -398,7 +399,7 @@ def _progress(err, show: bool):
         task = bar.add_task("converting", total=None)
 
         def say(msg: str) -> None:
-            bar.console.print(msg, markup=False, highlight=False)
+            _say(bar.console, msg)
             bar.update(task, description=msg)
 
         yield say
@@ -410,7 +411,7 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
 
     tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
     show = not (args.quiet or args.json)
-    progress = (lambda msg: out.print(msg, markup=False, highlight=False)) if show else None
+    progress = (lambda msg: _say(out, msg)) if show else None
     run = verify_build(
         build_dir,
         args.images,
@@ -448,14 +449,14 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         )
     if args.quiet:
         for r in run.beyond:
-            err.print(r.line, markup=False, highlight=False)
+            _say(err, r.line)
     for problem in run.errors + run.unverified:
         said = "error" if problem.status == ERROR else "unverified"
-        err.print(f"{said}: {problem.path}: {problem.reason}", markup=False, highlight=False)
+        _say(err, f"{said}: {problem.path}: {problem.reason}")
         if args.debug and problem.trace:
-            err.print(problem.trace, markup=False, highlight=False)
+            _say(err, problem.trace)
     if show:
-        out.print(run.summary, markup=False, highlight=False)
+        _say(out, run.summary)
     return {BEYOND: EXIT_FAILED, UNVERIFIED: EXIT_UNVERIFIED}.get(run.outcome, EXIT_OK)
 
 

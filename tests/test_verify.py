@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from convert.cli import main
@@ -107,3 +108,31 @@ def test_a_missing_backbone_is_a_clear_error_listing_the_searched_paths(copy: Pa
     assert len(lines) == 1, err
     assert "tm_dogs.mlmodel" in lines[0] and f"{name}.mlmodelc" in lines[0]
     assert str(copy) in lines[0]  # the folder that was searched
+
+
+def test_a_changed_top1_says_how_near_a_tie_it_was_for_keras() -> None:
+    from convert.check.verify import _compare
+
+    keras = np.array([[0.50, 0.49, 0.01], [0.90, 0.05, 0.05], [0.40, 0.10, 0.50]])
+    core_ml = np.array([[0.49, 0.50, 0.01], [0.90, 0.05, 0.05], [0.46, 0.10, 0.44]])
+    entry = {"name": "m", "file": "m.mlmodel"}
+    tolerances = {"float32": 0.1}
+    result = _compare(entry, keras, core_ml, "float32", "float32", tolerances, [])
+    assert result.top1_agreement == pytest.approx(1 / 3)
+    assert result.top1_gap == pytest.approx(0.10)  # the larger of 0.01 and 0.10
+    assert "where it differs, Keras had the two within 1.0e-01" in result.line
+    agreed = _compare(entry, keras, keras, "float32", "float32", tolerances, [])
+    assert agreed.top1_gap is None and "differs" not in agreed.line
+
+
+def test_a_long_message_is_printed_whole_into_a_pipe() -> None:
+    import io
+
+    from rich.console import Console
+
+    from convert.cli import _say
+
+    buffer = io.StringIO()
+    message = "word " * 60
+    _say(Console(file=buffer, width=140), message)
+    assert buffer.getvalue().strip() == message.strip()

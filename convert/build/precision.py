@@ -193,13 +193,13 @@ class _Moments:
                 return
             self._add_windows(blob.reshape(-1, *blob.shape[-3:]))
             return
-        width = (
-            self.params.inputChannels
-            if self.kind == "innerProduct"
-            else self.params.weightMatrixFirstDimension
-        )
-        trailing_ones = blob.ndim >= 3 and blob.shape[-3] == width and blob.shape[-2:] == (1, 1)
-        if blob.shape[-1] != width and not trailing_ones:
+        if self.kind == "innerProduct":
+            width = self.params.inputChannels
+            if blob.ndim >= 5:  # rank 4 or 5 past the batch: the last three axes are flattened
+                blob = blob.reshape(*blob.shape[:-3], -1)
+        else:
+            width = self.params.weightMatrixFirstDimension
+        if blob.shape[-1] != width:
             self.fits = False
             return
         rows = blob.reshape(-1, width)

@@ -68,6 +68,9 @@ class VerifyResult:
     passed: bool
     bound: list[str]  # linked models the evaluator bound, as file names
     compute: str = "float32"  # the evaluator's compute precision: float32 or float16
+    # where top-1 differs: how far apart Keras put its own top class and Core ML's (the
+    # largest such gap); None when top-1 agrees everywhere
+    top1_gap: float | None = None
 
     @property
     def status(self) -> str:
@@ -79,8 +82,15 @@ class VerifyResult:
         return (
             f"[{mark}] {self.name}: max |dprob| {self.max_abs_diff:.2e} "
             f"(tolerance {self.tolerance:.0e}, {self.precision}), mean {self.mean_abs_diff:.2e}, "
-            f"top-1 agreement {self.top1_agreement:.0%} on {self.images} images"
+            f"top-1 agreement {self.top1_agreement:.0%} on {self.images} images{self.gap}"
         )
+
+    @property
+    def gap(self) -> str:
+        """Whether the images whose top-1 changed were near ties for Keras."""
+        if self.top1_gap is None:
+            return ""
+        return f" (where it differs, Keras had the two within {self.top1_gap:.1e})"
 
     @property
     def precision(self) -> str:
@@ -481,8 +491,11 @@ def _compare(
         )
     diff = np.abs(got - expected)
     tolerance = tolerances[_weakest_level([storage, compute])]
-    agreement = float(np.mean(np.argmax(got, axis=1) == np.argmax(expected, axis=1)))
+    ours, theirs = np.argmax(got, axis=1), np.argmax(expected, axis=1)
+    agreement = float(np.mean(ours == theirs))
     max_diff = float(diff.max()) if diff.size else 0.0
+    rows = np.flatnonzero(ours != theirs)
+    gaps = expected[rows, theirs[rows]] - expected[rows, ours[rows]]
     return VerifyResult(
         name=entry["name"],
         file=entry["file"],
@@ -495,6 +508,7 @@ def _compare(
         passed=bool(max_diff <= tolerance),
         bound=bound,
         compute=compute,
+        top1_gap=float(gaps.max()) if gaps.size else None,
     )
 
 
