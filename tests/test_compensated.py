@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_compute_float16 import network
+from test_quantize import _params
 
 from convert.build import quantize
 from convert.build.precision import input_statistics, mirrored
 from convert.check.reference.weights import decode
-from test_compute_float16 import network
-from test_quantize import _params
 
 
 def _correlated(count: int, width: int, seed: int, draw: int = 0) -> np.ndarray:
@@ -123,7 +123,19 @@ def layers() -> dict[str, Any]:
         )
         depthwise = rng.normal(size=(3, 3, 1, 6)).astype(np.float32)
         b.add_convolution(
-            "dw", 1, 6, 3, 3, 1, 1, "same", 6, depthwise, None, False, input_name="c",
+            "dw",
+            1,
+            6,
+            3,
+            3,
+            1,
+            1,
+            "same",
+            6,
+            depthwise,
+            None,
+            False,
+            input_name="c",
             output_name="d",
         )
         dense = rng.normal(size=(3, 96)).astype(np.float32)
@@ -135,7 +147,7 @@ def layers() -> dict[str, Any]:
 
 
 def _windows(x: np.ndarray, pads: tuple[int, int], stride: int) -> np.ndarray:
-    """(N * positions, C * 9) windows of x (N, C, H, W), by loops: top/left pad, bottom/right pad."""
+    """(N * positions, C * 9) windows of x (N, C, H, W), by loops; pads: (before, after)."""
     padded = np.pad(x, [(0, 0), (0, 0), pads, pads])
     rows = []
     for n in range(len(x)):

@@ -104,9 +104,7 @@ def write(
             raise StorageError(str(exc)) from None
         return
     if storage == INT8:
-        q = quantize.linear(
-            values.astype(np.float64), 8, axis if values.ndim > 1 else None, second
-        )
+        q = quantize.linear(values.astype(np.float64), 8, axis if values.ndim > 1 else None, second)
     elif bits is not None:
         q = quantize.palette(values.astype(np.float64), bits, second)
     else:
