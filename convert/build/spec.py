@@ -49,10 +49,10 @@ def network(spec: Any) -> Any:
 
 def rename_blob(spec: Any, old: str, new: str) -> None:
     """Rename a feature/blob everywhere a NeuralNetwork spec mentions it."""
-    for feature in [*spec.description.input, *spec.description.output]:
+    d = spec.description
+    for feature in [*d.input, *d.output, *d.trainingInput]:
         if feature.name == old:
             feature.name = new
-    d = spec.description
     if d.predictedFeatureName == old:
         d.predictedFeatureName = new
     if d.predictedProbabilitiesName == old:
@@ -71,6 +71,12 @@ def rename_blob(spec: Any, old: str, new: str) -> None:
     if spec.WhichOneof("Type") == "neuralNetworkClassifier":
         if nn.labelProbabilityLayerName == old:
             nn.labelProbabilityLayerName = new
+    for loss in nn.updateParams.lossLayers:
+        kind = loss.WhichOneof("LossLayerType")
+        if kind:
+            params = getattr(loss, kind)
+            if params.input == old:
+                params.input = new
 
 
 def rename_output(spec: Any, new: str) -> None:

@@ -16,6 +16,7 @@ from convert.check.rules.classifier import (
 )
 from convert.check.rules.common import GRAYSCALE, GRAYSCALE_FLOAT16, Message, describe_type
 from convert.check.rules.nn_layers import _check_layer, _Net
+from convert.check.rules.updatable import _check_updatable_network
 from convert.check.rules.versions import _is_ios12_layer
 
 
@@ -44,6 +45,8 @@ def _check_neural_network(spec: Message, kind: str, where: str) -> Iterator[str]
     yield from _check_preprocessing(desc, network, where)
     if kind == "neuralNetworkClassifier":
         yield from _check_probability_layer(network, produced, net, where)
+    if spec.isUpdatable:
+        yield from _check_updatable_network(spec, kind, where)
 
 
 def _check_io_types(features: Iterable[Message], role: str, where: str) -> Iterator[str]:

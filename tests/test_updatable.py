@@ -1,0 +1,239 @@
+"""Updatable heads (convert/build/updatable.py) and Core ML's rules for them
+(convert/check/rules/updatable.py): the heads of a real build made updatable pass validation and
+compute what they did; each rule of UpdatableNeuralNetworkValidator.cpp that a broken spec
+breaks is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from convert.build.updatable import (
+    Training,
+    make_updatable,
+    mark_pipeline,
+    training_from,
+    updatable_names,
+)
+from convert.check.validate import validate_spec
+from convert.errors import ConversionError
+
+
+def _load(path: Path) -> Any:
+    from coremltools.proto import Model_pb2
+
+    return Model_pb2.Model.FromString(path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def pipelines(built: tuple[Path, int]) -> list[Any]:
+    out, _ = built
+    specs = [_load(p) for p in sorted(out.glob("*.mlmodel"))]
+    found = [s for s in specs if s.WhichOneof("Type") == "pipelineClassifier"]
+    assert found
+    return found
+
+
+def _copy(spec: Any) -> Any:
+    out = type(spec)()
+    out.CopyFrom(spec)
+    return out
+
+
+def _head(pipeline: Any) -> Any:
+    return _copy(pipeline.pipelineClassifier.pipeline.models[-1])
+
+
+def _probabilities(head: Any, x: np.ndarray) -> np.ndarray:
+    from convert.check.reference import evaluate_spec
+
+    feed = head.description.input[0].name
+    got, _ = evaluate_spec(head, {feed: x}, model_dir=Path("."))
+    probs = got[head.description.predictedProbabilitiesName]
+    labels = sorted(probs[0])
+    return np.array([[row[k] for k in labels] for row in probs])
+
+
+def _features(head: Any, count: int = 6) -> np.ndarray:
+    shape = list(head.description.input[0].type.multiArrayType.shape)
+    return np.random.default_rng(0).normal(size=(count, *shape)).astype(np.float32)
+
+
+def test_every_head_of_a_build_becomes_updatable_and_computes_the_same(pipelines) -> None:
+    for pipeline in pipelines:
+        head = _head(pipeline)
+        before = _copy(head)
+        make_updatable(head, Training())
+        assert validate_spec(head) == []
+        assert head.isUpdatable
+        marked = [layer.name for layer in head.neuralNetworkClassifier.layers if layer.isUpdatable]
+        assert marked == updatable_names(before, Training())  # the last Dense layer
+        kinds = [layer.WhichOneof("layer") for layer in head.neuralNetworkClassifier.layers]
+        assert kinds[-1] == "softmax" and "softmaxND" not in kinds
+        x = _features(head)
+        np.testing.assert_allclose(_probabilities(head, x), _probabilities(before, x), atol=1e-6)
+        whole = _copy(pipeline)
+        whole.pipelineClassifier.pipeline.models[-1].CopyFrom(head)
+        mark_pipeline(whole)
+        assert validate_spec(whole) == []
+        names = [f.name for f in whole.description.trainingInput]
+        assert names == [whole.description.input[0].name, whole.description.predictedFeatureName]
+
+
+def test_the_update_parameters_say_what_was_asked(pipelines) -> None:
+    head = _head(pipelines[0])
+    training = Training(optimizer="adam", learning_rate=0.002, batch_size=4, epochs=3, seed=7)
+    make_updatable(head, training)
+    params = head.neuralNetworkClassifier.updateParams
+    adam = params.optimizer.adamOptimizer
+    assert adam.learningRate.defaultValue == 0.002 and adam.miniBatchSize.defaultValue == 4
+    assert (adam.beta1.defaultValue, adam.beta2.defaultValue, adam.eps.defaultValue) == (
+        0.9,
+        0.999,
+        1e-8,
+    )
+    assert params.epochs.defaultValue == 3 and params.seed.defaultValue == 7
+    assert params.shuffle.defaultValue is True
+    loss = params.lossLayers[0].categoricalCrossEntropyLossLayer
+    assert loss.input == head.description.predictedProbabilitiesName
+    label = head.description.trainingInput[-1]
+    assert label.name == head.description.predictedFeatureName
+    assert label.type.WhichOneof("Type") == "stringType"
+
+
+def _updatable(pipelines) -> Any:
+    head = _head(pipelines[0])
+    make_updatable(head, Training())
+    return head
+
+
+def _layer(head: Any, name: str) -> Any:
+    return next(layer for layer in head.neuralNetworkClassifier.layers if layer.name == name)
+
+
+def _broken(pipelines, change) -> list[str]:
+    head = _updatable(pipelines)
+    change(head)
+    return validate_spec(head)
+
+
+def _dense(head: Any) -> Any:
+    return next(layer for layer in head.neuralNetworkClassifier.layers if layer.isUpdatable)
+
+
+def _quantize(head: Any) -> None:
+    from convert.build.layers.weights import write
+
+    p = _dense(head).innerProduct
+    values = np.asarray(p.weights.floatValue, np.float32).reshape(p.outputChannels, -1)
+    p.weights.ClearField("floatValue")
+    write(p.weights, values, "int8", kernel=True)
+
+
+def _softmax_nd(head: Any) -> None:
+    last = head.neuralNetworkClassifier.layers[-1]
+    last.softmaxND.axis = -3
+
+
+def _two_losses(head: Any) -> None:
+    params = head.neuralNetworkClassifier.updateParams
+    params.lossLayers.add().CopyFrom(params.lossLayers[0])
+    params.lossLayers[1].name = "loss2"
+
+
+def _between(head: Any) -> None:
+    """A LINEAR activation (not one Core ML differentiates) before the softmax."""
+    nn = head.neuralNetworkClassifier
+    softmax = nn.layers[-1]
+    extra = nn.layers.add()
+    extra.CopyFrom(softmax)
+    extra.ClearField("softmax")
+    extra.name = "scale_down"
+    extra.activation.linear.alpha = 0.5
+    extra.output[0] = "scaled"
+    layers = list(nn.layers)
+    del nn.layers[:]
+    softmax_copy = _copy(layers[-2])
+    softmax_copy.input[0] = "scaled"
+    extra.input[0] = layers[-2].input[0]
+    nn.layers.extend([*layers[:-2], extra, softmax_copy])
+
+
+BROKEN = {
+    "weights not marked": (
+        lambda h: setattr(_dense(h).innerProduct.weights, "isUpdatable", False),
+        "its weights are not marked so",
+    ),
+    "quantized weights": (_quantize, "its weights are quantized"),
+    "no updatable layer": (lambda h: setattr(_dense(h), "isUpdatable", False), "none of its"),
+    "a softmaxND before the loss": (_softmax_nd, "is not the output of a softmax layer"),
+    "two losses": (_two_losses, "exactly one loss layer, not 2"),
+    "no optimizer": (
+        lambda h: h.neuralNetworkClassifier.updateParams.ClearField("optimizer"),
+        "needs an optimizer",
+    ),
+    "no epochs": (
+        lambda h: h.neuralNetworkClassifier.updateParams.ClearField("epochs"),
+        "needs epochs",
+    ),
+    "zero mini-batch": (
+        lambda h: setattr(
+            h.neuralNetworkClassifier.updateParams.optimizer.sgdOptimizer.miniBatchSize,
+            "defaultValue",
+            0,
+        ),
+        "miniBatchSize must be positive",
+    ),
+    "learning rate out of range": (
+        lambda h: setattr(
+            h.neuralNetworkClassifier.updateParams.optimizer.sgdOptimizer.learningRate,
+            "defaultValue",
+            2.0,
+        ),
+        "outside its range",
+    ),
+    "a layer that cannot be differentiated": (_between, "'scale_down' cannot be differentiated"),
+    "no label to train on": (lambda h: h.description.trainingInput.pop(), "training inputs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_updatable_head_is_reported(pipelines, case: str) -> None:
+    change, expected = BROKEN[case]
+    problems = _broken(pipelines, change)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_layer_core_ml_cannot_train_through_is_named(pipelines) -> None:
+    head = _head(pipelines[0])
+    _between(head)  # before making it updatable: the builder refuses it
+    with pytest.raises(ConversionError, match="layer 'scale_down' \\(linear\\)"):
+        make_updatable(head, Training())
+
+
+def test_more_updatable_layers_than_dense_ones_is_an_error(pipelines) -> None:
+    head = _head(pipelines[0])
+    with pytest.raises(ConversionError, match="updatable layers asked for"):
+        make_updatable(head, Training(layers=9))
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"momentum": 1.0}, "momentum"),
+    ],
+)
+def test_bad_training_settings_are_refused(values: dict[str, Any], reason: str) -> None:
+    assert reason in (training_from(values).problem() or "")
+
+
+def test_unknown_training_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown training setting 'lr'"):
+        training_from({"lr": 0.1})
+    assert training_from({"epochs": 3, "seed": None}) == Training(epochs=3)
