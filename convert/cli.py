@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from convert import __version__
 from convert.build.jobs import BACKBONE_CONVERTERS, DEFAULT_JOBS
@@ -18,6 +19,7 @@ from convert.errors import RunError, SplitError, internal_reason, traceback_text
 from convert.files import locked, prepare_output
 from convert.plan.types import DEFAULT_MIN_SHARED
 from convert.read.families import PREPROCESSING
+from convert.read.training import OPTIMIZERS, TRAINING_KEYS, training_problem
 
 # 0: everything converted (or verified); 1: some file failed, the rest converted (verify: some
 # classifier beyond tolerance, or its Core ML files cannot be run); 2: the run itself cannot go
@@ -48,6 +50,39 @@ def _number(kind: type, low: float, high: float | None = None, what: str = ""):
         return value
 
     return parse
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
+    """--updatable and the settings of on-device training (each overrides zoo.toml)."""
+    group = parser.add_argument_group("on-device training (each overrides zoo.toml)")
+    group.add_argument(
+        "--updatable",
+        action="store_true",
+        help="make every head updatable: an app can fine-tune it with MLUpdateTask",
+    )
+    group.add_argument("--updatable-layers", type=int, metavar="K", help="the last K Dense (1)")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (default) or adam")
+    group.add_argument("--learning-rate", type=float, metavar="R", help="(0.01)")
+    group.add_argument("--batch-size", type=int, metavar="N", help="mini-batch size (8)")
+    group.add_argument("--epochs", type=int, metavar="N", help="(10)")
+    group.add_argument("--momentum", type=float, metavar="M", help="sgd's (0)")
+    group.add_argument("--beta1", type=float, metavar="B", help="adam's (0.9)")
+    group.add_argument("--beta2", type=float, metavar="B", help="adam's (0.999)")
+    group.add_argument("--eps", type=float, metavar="E", help="adam's (1e-8)")
+    group.add_argument("--seed", type=int, metavar="N", help="for the shuffle (none)")
+    group.add_argument(
+        "--no-shuffle", dest="shuffle", action="store_false", default=None, help="keep the order"
+    )
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings given on the command line; a bad one is a RunError."""
+    said = {key: getattr(args, key, None) for key in TRAINING_KEYS}
+    said = {key: value for key, value in said.items() if value is not None}
+    problem = training_problem(said)
+    if problem:
+        raise RunError(None, problem)
+    return said
 
 
 def _storage_type(allow_auto: bool):
@@ -113,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STORAGE",
         help="the same for the heads (default: as --weights, or zoo.toml)",
     )
+    _training_arguments(common)
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
     common.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     debug = _Parser(add_help=False)
@@ -280,6 +316,8 @@ def _run(args, out, err) -> int:
             sources,
             weights=args.weights,
             head_weights=args.head_weights,
+            updatable=args.updatable,
+            training=_training_overrides(args),
         )
         for line in sources.warnings:
             _warn(err, line)

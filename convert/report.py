@@ -42,6 +42,14 @@ class ClassifierReport:
     labels: list[str] = field(default_factory=list)
     preprocessing: str = "tf"
     weights: str = "float32"  # how its head (or, standalone, the whole model) stores weights
+    updatable: list[str] = field(default_factory=list)  # its head's updatable layers (float32)
+
+    @property
+    def stored(self) -> str:
+        """Its storage, and which layers an app trains (Core ML keeps those float32)."""
+        if not self.updatable:
+            return self.weights
+        return f"{self.weights}, updatable: {', '.join(self.updatable)} float32"
 
 
 @dataclass
@@ -177,7 +185,7 @@ def size_table(report: Report) -> Any:
         role = "pipeline" if c.group else "standalone"
         table.add_row(
             c.file,
-            role,
+            role + (", updatable" if c.updatable else ""),
             c.weights,
             kb_or_mb(c.bytes),
             kb_or_mb(c.head_bytes),
@@ -232,7 +240,7 @@ def markdown(report: Report, picture: str | None = "report.svg") -> str:
     for c in report.classifiers:
         role = f"pipeline on {c.group}" if c.group else "standalone"
         lines.append(
-            f"| {c.file} | {role} | {c.weights} | {c.bytes:,} | {c.head_bytes:,} "
+            f"| {c.file} | {role} | {c.stored} | {c.bytes:,} | {c.head_bytes:,} "
             f"| {c.standalone_bytes:,} |"
         )
     lines += [

@@ -5,21 +5,17 @@ breaks is reported."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from convert.build.updatable import (
-    Training,
-    make_updatable,
-    mark_pipeline,
-    training_from,
-    updatable_names,
-)
+from convert.build.updatable import make_updatable, mark_pipeline, updatable_names
 from convert.check.validate import validate_spec
 from convert.errors import ConversionError
+from convert.read.training import Training, training_from
 
 
 def _load(path: Path) -> Any:
@@ -217,7 +213,7 @@ def test_a_layer_core_ml_cannot_train_through_is_named(pipelines) -> None:
 def test_more_updatable_layers_than_dense_ones_is_an_error(pipelines) -> None:
     head = _head(pipelines[0])
     with pytest.raises(ConversionError, match="updatable layers asked for"):
-        make_updatable(head, Training(layers=9))
+        make_updatable(head, Training(updatable_layers=9))
 
 
 @pytest.mark.parametrize(
@@ -237,3 +233,100 @@ def test_unknown_training_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown training setting 'lr'"):
         training_from({"lr": 0.1})
     assert training_from({"epochs": 3, "seed": None}) == Training(epochs=3)
+
+
+# -- built with --updatable ------------------------------------------------------------------------
+
+MANIFEST = """
+[models.tm]
+updatable_layers = 2
+optimizer = "adam"
+learning_rate = 0.001
+
+[models.bn_head]
+updatable_layers = 2
+momentum = 0.9
+"""
+
+
+@pytest.fixture(scope="module")
+def updatable_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The updatable zoo (tests/zoos.py) converted with --updatable --epochs 3 and a zoo.toml
+    that sets two heads apart."""
+    import zoos
+
+    from convert.cli import main
+
+    models = tmp_path_factory.mktemp("updatable") / "models"
+    models.mkdir()
+    zoos.updatable(models)
+    (models / "zoo.toml").write_text(MANIFEST)
+    out = models.parent / "build"
+    code = main(["convert", str(models), "--out", str(out), "--updatable", "--epochs", "3", "-q"])
+    return out, code
+
+
+def _params(out: Path, name: str) -> tuple[Any, Any]:
+    pipeline = _load(out / f"{name}.mlmodel")
+    head = pipeline.pipelineClassifier.pipeline.models[-1]
+    return pipeline, head
+
+
+def test_every_file_of_an_updatable_build_passes_validation(updatable_build) -> None:
+    out, code = updatable_build
+    assert code == 0
+    files = sorted(out.glob("*.mlmodel"))
+    assert len(files) == 6  # two backbones, four pipelines
+    for path in files:
+        assert validate_spec(_load(path)) == [], path.name
+    report = json.loads((out / "report.json").read_text())
+    updatable = {c["name"]: c["updatable"] for c in report["classifiers"]}
+    assert sorted(updatable) == ["bn_head", "plain", "tm", "tm2"]
+    assert updatable["bn_head"] == ["hidden", "predictions"]  # updatable_layers = 2
+    assert len(updatable["tm"]) == 2 and len(updatable["tm2"]) == 1 == len(updatable["plain"])
+
+
+def test_the_command_line_and_zoo_toml_set_the_training(updatable_build) -> None:
+    out, _ = updatable_build
+    pipeline, tm = _params(out, "tm")
+    assert pipeline.isUpdatable and not pipeline.pipelineClassifier.pipeline.models[0].isUpdatable
+    params = tm.neuralNetworkClassifier.updateParams
+    assert params.optimizer.adamOptimizer.learningRate.defaultValue == 0.001
+    assert params.epochs.defaultValue == 3  # the command line, over the default 10
+    _, bn = _params(out, "bn_head")
+    sgd = bn.neuralNetworkClassifier.updateParams.optimizer.sgdOptimizer
+    assert sgd.momentum.defaultValue == 0.9 and sgd.learningRate.defaultValue == 0.01
+    kinds = [layer.WhichOneof("layer") for layer in bn.neuralNetworkClassifier.layers]
+    assert "batchnorm" in kinds and "expandDims" not in kinds  # the BN trains through, rank 4
+    _, plain = _params(out, "plain")
+    assert plain.neuralNetworkClassifier.updateParams.epochs.defaultValue == 3
+
+
+def test_an_updatable_build_verifies_against_keras(updatable_build) -> None:
+    from convert.cli import main
+
+    out, _ = updatable_build
+    assert main(["verify", str(out), "--count", "4", "-q"]) == 0
+
+
+def test_a_model_that_shares_nothing_cannot_be_updatable(tmp_path: Path, capsys) -> None:
+    import zoos
+
+    from convert.cli import main
+
+    zoos.standalone(tmp_path / "models")
+    code = main(
+        ["convert", str(tmp_path / "models"), "--out", str(tmp_path / "out"), "-q", "--updatable"]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "only a classifier on a shared backbone gets an updatable head" in err
+    assert not list((tmp_path / "out").glob("*.mlmodel"))
+
+
+def test_bad_training_settings_on_the_command_line_are_one_line(tmp_path: Path, capsys) -> None:
+    from convert.cli import main
+
+    code = main(["plan", str(tmp_path), "--updatable", "--learning-rate", "0"])
+    assert code == 2
+    assert "learning_rate must be above 0" in capsys.readouterr().err

@@ -82,6 +82,45 @@ def standalone(zoo: Path) -> None:
     factory.save_transfer_classifier(zoo / "only.h5", n_classes=3, head_seed=4)
 
 
+@fresh
+def updatable(zoo: Path) -> None:
+    """Heads people have, on one frozen MobileNetV2 (seed 0), for tests/test_updatable.py:
+
+    - tm, tm2: Teachable Machine's Dense(100, relu) -> Dense(n, softmax, no bias);
+    - plain: Dropout -> Dense(4, softmax);
+    - bn_head: Dense(16, relu) -> BatchNormalization (its statistics not the identity) ->
+      Dense(3, softmax).
+    """
+    import factory
+
+    factory.save_teachable_machine(zoo / "tm", 3, "model1", head_seed=4, backbone_seed=0)
+    factory.save_teachable_machine(zoo / "tm2", 2, "model2", head_seed=5, backbone_seed=0)
+    factory.save_transfer_classifier(zoo / "plain.h5", "k3", 4, head_seed=2, dropout=True)
+    K = _keras()
+    base = factory.mobilenet_backbone("k3", seed=0)
+    inp = K.Input(base.input.shape[1:])
+    x = K.layers.Dense(16, activation="relu", name="hidden")(base(inp, training=False))
+    x = K.layers.BatchNormalization(name="norm")(x)
+    out = K.layers.Dense(3, activation="softmax", name="predictions")(x)
+    model = K.Model(inp, out)
+    rng = np.random.default_rng(9)
+    for layer in model.layers[-3:]:
+        layer.set_weights(
+            [
+                (
+                    rng.uniform(0.5, 1.5, w.shape)
+                    if "variance" in v.name
+                    else rng.normal(0, 0.3, w.shape)
+                ).astype("float32")
+                for v, w in zip(layer.weights, layer.get_weights(), strict=True)
+            ]
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(zoo / "bn_head.h5"))
+    (zoo / "bn_head.labels.txt").write_text("a\nb\nc\n")
+
+
 # -- the architecture sweep (tests/test_architectures.py) ----------------------------------------
 
 ARCH_CLASSIFIERS = {"first": (3, 1), "second": (4, 2)}  # name -> (classes, head seed)

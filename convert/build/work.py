@@ -20,9 +20,10 @@ from convert.build import spec as specs
 from convert.build.cache import Cache, recipe
 from convert.build.jobs import DIRECT, Job, JobResult, Progress, head_layout
 from convert.build.layers import weights
-from convert.build.layers.weights import Precision
+from convert.build.layers.weights import FULL, Precision
 from convert.build.spec import FEATURES, IMAGE
-from convert.errors import SplitError
+from convert.build.updatable import frozen, make_updatable, mark_pipeline
+from convert.errors import ConversionError, SplitError
 from convert.files import file_sha256
 from convert.plan.types import ErrorEntry, GroupPlan, ModelPlan
 from convert.read.families import PREPROCESSING
@@ -345,11 +346,13 @@ def _sha_of(path: Path) -> str:
 
 def _head(objects: _Objects, model: ModelPlan, storage: str, calibration: _Calibration | None):
     """The head spec: built straight from the weights when its layers allow, else converted;
-    then, for a quantized storage, calibrated on the backbone's features."""
+    made updatable when the model learns on the device; then, for a quantized storage,
+    calibrated on the backbone's features. Updatable layers stay float32."""
     graph = objects.graph
     assert model.split_tensor is not None
     layout = head_layout(graph, model)
-    precision = _precision(storage)
+    keep = {}  # layers kept float32 whatever the storage
+    precision = _precision(storage) if model.training is None else FULL
     if layout is None:
         head = ct_convert.convert_head(graph, objects.get(), model)
         weights.restore(head, precision, model.source)
@@ -358,11 +361,17 @@ def _head(objects: _Objects, model: ModelPlan, storage: str, calibration: _Calib
         head = network.build_head(
             graph, model.split_tensor, list(model.labels), shape, layout, precision
         )
+    if model.training is not None:
+        make_updatable(head, model.training, model.source)
+        keep = frozen(head, model.training)
+        if storage == FLOAT16:
+            weights.restore(head, Precision(FLOAT16, keep), model.source)
     if calibrated(storage) and storage != AUTO:
         from convert.build.precision import input_statistics, store
 
         assert calibration is not None
-        store(head, Precision(storage), input_statistics(head, FEATURES, calibration.features()))
+        inputs = input_statistics(head, FEATURES, calibration.features())
+        store(head, Precision(storage, keep), inputs)
     return head
 
 
@@ -410,6 +419,8 @@ def _emit_pipeline(
     stub = pipelines.make_stub(backbone, backbone_file)
     pipeline = pipelines.make_pipeline(stub, head)
     title = settings.display_name or model.name
+    if model.training is not None:
+        mark_pipeline(pipeline)
     specs.describe(
         pipeline,
         settings.description
@@ -432,7 +443,9 @@ def _emit_pipeline(
     specs.describe(merged, f"{model.name} (standalone)", user | {"role": "standalone"}, pre)
     one_by_one = pipelines.standalone_size(merged, shared.layer_bytes)
     size = specs.write_spec(job.out / file, pipeline, Path(model.source))
-    return asdict(_classifier_report(model, group.id, file, size, head.ByteSize(), one_by_one))
+    row = _classifier_report(model, group.id, file, size, head.ByteSize(), one_by_one)
+    row.updatable = [layer.name for layer in specs.network(head).layers if layer.isUpdatable]
+    return asdict(row)
 
 
 def _source_metadata(model: ModelPlan, settings: ModelSettings, sha256: str) -> dict[str, str]:
@@ -472,6 +485,12 @@ def _standalone_job(job: Job, say: Progress) -> JobResult:
     how = "building from the weights" if job.backbone_builder == DIRECT else "converting"
     say(f"{model.name}: {how} standalone ({model.standalone_reason})")
     try:
+        if model.training is not None:
+            raise ConversionError(
+                model.source,
+                "updatable: only a classifier on a shared backbone gets an updatable head; "
+                f"this one converts standalone ({model.standalone_reason})",
+            )
         graph = job.graphs[model.name]
         precision = _precision(model.weights)
         if job.backbone_builder == DIRECT:

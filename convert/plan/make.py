@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from convert.errors import SplitError
 from convert.plan.cuts import Analysis, analyse
@@ -27,6 +28,7 @@ from convert.plan.types import (
 from convert.read.graph import PackedGraphs
 from convert.read.manifest import AUTO, FLOAT16, FLOAT32, Manifest
 from convert.read.sources import SourceCache
+from convert.read.training import training_from
 
 # -- discovery ------------------------------------------------------------------------------
 
@@ -73,6 +75,8 @@ def make_plan(
     sources: SourceCache | None = None,
     weights: str | None = None,
     head_weights: str | None = None,
+    updatable: bool = False,
+    training: dict[str, Any] | None = None,
 ) -> tuple[Plan, PackedGraphs]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
 
@@ -125,6 +129,7 @@ def make_plan(
     plan.groups = group_models(analyses, min_shared)
     plan.models = [a.plan for a in analyses]
     _storages(plan, manifest, weights, head_weights)
+    _trainings(plan, manifest, updatable, training or {})
     _name_backbones(plan, manifest)
     _check_input_names(plan, manifest)
     _count_unique(plan, analyses)
@@ -223,6 +228,18 @@ def _check_input_names(plan: Plan, manifest: Manifest) -> None:
                     f"need one name ({said})",
                 )
             )
+
+
+def _trainings(
+    plan: Plan, manifest: Manifest, updatable: bool, overrides: dict[str, Any]
+) -> None:
+    """Which heads learn on the device, and how: --updatable, else the model's ``updatable``;
+    each training setting from the command line, else the model's, else [defaults], else
+    :class:`Training`'s defaults."""
+    for model in plan.models:
+        s = manifest.for_model(model.name)
+        if updatable or s.updatable:
+            model.training = training_from(dict(s.training or ()) | overrides)
 
 
 def _storages(

@@ -13,6 +13,7 @@ from typing import Any
 
 from convert.errors import internal_reason, traceback_text
 from convert.read.manifest import FLOAT32, STORAGES, palette_bits, storage_bits
+from convert.read.training import Training
 
 BYTES_PER_PARAMETER = 4  # float32; the estimates below count every weight so
 # Share a backbone only if it holds at least this much of each member: a frozen prefix worth a
@@ -43,6 +44,7 @@ class ModelPlan:
     head_parameters: int = 0
     standalone_reason: str | None = None
     weights: str = "float32"  # how its head (or, standalone, the whole model) stores weights
+    training: Training | None = None  # how its head learns on the device; None: not updatable
 
     @property
     def num_classes(self) -> int:

@@ -26,6 +26,13 @@ Format::
     head_weights = "int8"           # (N = 1..8); for a model on a shared backbone, weights
                                     # and head_weights both set its head (head_weights first),
                                     # and its backbone's storage is set under [backbones]
+    updatable = true                # its head learns on the device (MLUpdateTask); then:
+    updatable_layers = 1            # the last k Dense layers learn (1)
+    optimizer = "sgd"               # sgd (learning_rate, batch_size, momentum) or adam
+    learning_rate = 0.01            # (learning_rate, batch_size, beta1, beta2, eps), with
+    batch_size = 8                  # epochs, shuffle and seed; the defaults: 0.01, 8,
+    epochs = 10                     # momentum 0, beta1 0.9, beta2 0.999, eps 1e-8, 10
+    shuffle = true                  # epochs, shuffled, no seed
     input_name = "image"            # Core ML feature names: [A-Za-z_][A-Za-z0-9_]*, and the
     label_name = "classLabel"       # three of one model must differ
     probabilities_name = "classLabelProbs"
@@ -53,6 +60,7 @@ from typing import Any, TypeVar
 
 from convert.errors import LabelsError, SplitError
 from convert.read.labels import read_labels
+from convert.read.training import TRAINING_KEYS, training_problem
 
 MANIFEST_NAME = "zoo.toml"
 
@@ -71,7 +79,12 @@ TOP_LEVEL_KEYS = ("defaults", "models", "backbones")
 TEXT_KEYS = ("display_name", "description", "author", "license", "version")
 FEATURE_KEYS = ("input_name", "label_name", "probabilities_name")
 STORAGE_KEYS = ("weights", "head_weights")
-MODEL_KEYS = tuple(sorted((*TEXT_KEYS, *FEATURE_KEYS, *STORAGE_KEYS, "preprocessing", "labels")))
+MODEL_KEYS = tuple(
+    sorted(
+        (*TEXT_KEYS, *FEATURE_KEYS, *STORAGE_KEYS, "preprocessing", "labels", "updatable")
+        + TRAINING_KEYS
+    )
+)
 DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k != "labels")
 BACKBONE_KEYS = ("name", "weights")
 
@@ -134,10 +147,17 @@ class ModelSettings:
     head_weights: str | None = None
     labels: tuple[str, ...] | None = None
     labels_source: str | None = None  # the labels file read, or the manifest's name if inline
+    updatable: bool | None = None
+    training: tuple[tuple[str, Any], ...] | None = None  # (key of TRAINING_KEYS, value) said
 
     def over(self, defaults: ModelSettings) -> ModelSettings:
-        """These settings, with ``defaults`` filling every field left unsaid."""
-        return _over(self, defaults)
+        """These settings, with ``defaults`` filling every field left unsaid (training
+        settings key by key)."""
+        merged = _over(self, defaults)
+        if self.training and defaults.training:
+            both = dict(defaults.training) | dict(self.training)
+            merged = replace(merged, training=tuple(sorted(both.items())))
+        return merged
 
 
 @dataclass(frozen=True)
@@ -315,9 +335,44 @@ def _model_settings(
         said["labels"], said["labels_source"] = _labels(
             check, path, _join(where, "labels"), table["labels"]
         )
+    if "updatable" in table:
+        if not isinstance(table["updatable"], bool):
+            got = _toml_type(table["updatable"])
+            raise check.fail(_join(where, "updatable"), f"expected true or false, got {got}")
+        said["updatable"] = table["updatable"]
+    training = {key: table[key] for key in TRAINING_KEYS if key in table}
+    for key, value in training.items():
+        _training_value(check, _join(where, key), key, value)
+    if training:
+        problem = training_problem(training)
+        if problem:
+            raise check.fail(where, problem)
+        said["training"] = tuple(sorted(training.items()))
     settings = ModelSettings(**said)
     _distinct_feature_names(check, where, settings)
     return settings
+
+
+_TRAINING_TYPES = {
+    "updatable_layers": int,
+    "batch_size": int,
+    "epochs": int,
+    "seed": int,
+    "shuffle": bool,
+    "optimizer": str,
+}
+
+
+def _training_value(check: _Checker, where: str, key: str, value: Any) -> None:
+    """A training setting of the TOML type it needs (a number for the rates)."""
+    wanted = _TRAINING_TYPES.get(key, float)
+    if wanted is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, wanted) and (wanted is bool or not isinstance(value, bool))
+    if not ok:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        raise check.fail(where, f"expected {names[wanted]}, got {_toml_type(value)}")
 
 
 def _feature_name(check: _Checker, where: str, name: str) -> None:
