@@ -330,3 +330,35 @@ def test_bad_training_settings_on_the_command_line_are_one_line(tmp_path: Path, 
     code = main(["plan", str(tmp_path), "--updatable", "--learning-rate", "0"])
     assert code == 2
     assert "learning_rate must be above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("toml", "reason"),
+    [
+        ("updatable = 1", "models.m.updatable: expected true or false, got integer"),
+        ('epochs = "3"', "models.m.epochs: expected an integer, got string"),
+        ("learning_rate = true", "models.m.learning_rate: expected a number, got boolean"),
+        ('optimizer = "rmsprop"', "models.m: optimizer 'rmsprop' is not one of sgd, adam"),
+        ("updatable_layers = 0", "models.m: updatable_layers must be at least 1, not 0"),
+        ("beta1 = 1.5", "models.m: beta1 must be in [0, 1), not 1.5"),
+    ],
+)
+def test_bad_training_settings_in_zoo_toml_are_one_line(tmp_path: Path, toml: str, reason: str):
+    from convert.read.manifest import ManifestError, load_manifest
+
+    (tmp_path / "zoo.toml").write_text(f"[models.m]\n{toml}\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(tmp_path)
+    assert reason in str(caught.value)
+
+
+def test_training_settings_merge_key_by_key_over_the_defaults(tmp_path: Path) -> None:
+    from convert.read.manifest import load_manifest
+
+    (tmp_path / "zoo.toml").write_text(
+        "[defaults]\nupdatable = true\nepochs = 4\nbatch_size = 2\n\n[models.m]\nepochs = 6\n"
+    )
+    settings = load_manifest(tmp_path).for_model("m")
+    assert settings.updatable is True
+    assert dict(settings.training or ()) == {"epochs": 6, "batch_size": 2}
+    assert training_from(dict(settings.training or ())) == Training(epochs=6, batch_size=2)
