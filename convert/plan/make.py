@@ -230,9 +230,7 @@ def _check_input_names(plan: Plan, manifest: Manifest) -> None:
             )
 
 
-def _trainings(
-    plan: Plan, manifest: Manifest, updatable: bool, overrides: dict[str, Any]
-) -> None:
+def _trainings(plan: Plan, manifest: Manifest, updatable: bool, overrides: dict[str, Any]) -> None:
     """Which heads learn on the device, and how: --updatable, else the model's ``updatable``;
     each training setting from the command line, else the model's, else [defaults], else
     :class:`Training`'s defaults."""
