@@ -236,6 +236,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="print JSON instead of lines")
     verify.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    update = sub.add_parser(
+        "update",
+        parents=[debug],
+        help="train an updatable pipeline on labelled photos, as MLUpdateTask does on a device, "
+        "and write the updated model",
+    )
+    update.add_argument("pipeline", type=Path, help="a pipeline converted with --updatable")
+    update.add_argument(
+        "--images",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="one sub-folder of images per label, named as the label (as Create ML takes them)",
+    )
+    update.add_argument("--out", type=Path, required=True, help="the updated .mlmodel")
+    update.add_argument("--epochs", type=int, metavar="N", help="instead of the model's own")
+    update.add_argument(
+        "--bundle-main", type=Path, metavar="DIR", help="where $BUNDLE_MAIN is, for the backbone"
+    )
+    update.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    update.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
 
 
@@ -285,7 +306,34 @@ def _warn(console, text: str) -> None:
     _say(console, f"warning: {text}")
 
 
+def _update_command(args, out) -> int:
+    from dataclasses import asdict
+
+    from convert.check.update import update_pipeline
+
+    show = not (args.quiet or args.json)
+    result = update_pipeline(
+        args.pipeline,
+        args.images,
+        args.out,
+        args.epochs,
+        args.bundle_main,
+        (lambda msg: _say(out, msg)) if show else None,
+    )
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    elif show:
+        _say(
+            out,
+            f"accuracy on those images: {result.accuracy_before:.0%} before, "
+            f"{result.accuracy_after:.0%} after; wrote {args.out} ({result.bytes:,} bytes)",
+        )
+    return 0
+
+
 def _run(args, out, err) -> int:
+    if args.command == "update":
+        return _update_command(args, out)
     notice = (lambda _msg: None) if args.quiet else (lambda msg: _say(err, msg))
     verifying = args.command == "verify" or getattr(args, "verify", False)
     if verifying and args.count == 0 and args.images is None:

@@ -31,6 +31,36 @@ def built(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, in
     return out, main(["convert", str(zoo), "--out", str(out), "--quiet"])
 
 
+UPDATABLE_MANIFEST = """
+[models.tm]
+updatable_layers = 2
+optimizer = "adam"
+learning_rate = 0.001
+
+[models.bn_head]
+updatable_layers = 2
+momentum = 0.9
+"""
+
+
+@pytest.fixture(scope="session")
+def updatable_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The updatable zoo (tests/zoos.py) converted with --updatable --epochs 3 and a zoo.toml
+    that sets two heads apart: (build folder, exit code). Shared by tests/test_updatable.py and
+    tests/test_train.py; a test that writes files writes them elsewhere."""
+    import zoos
+
+    from convert.cli import main
+
+    models = tmp_path_factory.mktemp("updatable") / "models"
+    models.mkdir()
+    zoos.updatable(models)
+    (models / "zoo.toml").write_text(UPDATABLE_MANIFEST)
+    out = models.parent / "build"
+    code = main(["convert", str(models), "--out", str(out), "--updatable", "--epochs", "3", "-q"])
+    return out, code
+
+
 @pytest.fixture(scope="session")
 def demo_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The demo zoo ``make convert`` builds (scripts/make_demo_zoo.py), built once: (folder,

@@ -237,34 +237,6 @@ def test_unknown_training_settings_are_refused() -> None:
 
 # -- built with --updatable ------------------------------------------------------------------------
 
-MANIFEST = """
-[models.tm]
-updatable_layers = 2
-optimizer = "adam"
-learning_rate = 0.001
-
-[models.bn_head]
-updatable_layers = 2
-momentum = 0.9
-"""
-
-
-@pytest.fixture(scope="module")
-def updatable_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """The updatable zoo (tests/zoos.py) converted with --updatable --epochs 3 and a zoo.toml
-    that sets two heads apart."""
-    import zoos
-
-    from convert.cli import main
-
-    models = tmp_path_factory.mktemp("updatable") / "models"
-    models.mkdir()
-    zoos.updatable(models)
-    (models / "zoo.toml").write_text(MANIFEST)
-    out = models.parent / "build"
-    code = main(["convert", str(models), "--out", str(out), "--updatable", "--epochs", "3", "-q"])
-    return out, code
-
 
 def _params(out: Path, name: str) -> tuple[Any, Any]:
     pipeline = _load(out / f"{name}.mlmodel")
@@ -362,3 +334,78 @@ def test_training_settings_merge_key_by_key_over_the_defaults(tmp_path: Path) ->
     assert settings.updatable is True
     assert dict(settings.training or ()) == {"epochs": 6, "batch_size": 2}
     assert training_from(dict(settings.training or ())) == Training(epochs=6, batch_size=2)
+
+
+# -- coreml-split update ---------------------------------------------------------------------------
+
+
+def _labelled(folder: Path, labels: str, per_label: int = 6) -> Path:
+    """One sub-folder of synthetic images per label, as Create ML takes them."""
+    from PIL import Image
+
+    from convert.check.verify import synthetic_images
+
+    for index, label in enumerate(labels):
+        (folder / label).mkdir(parents=True)
+        for i, image in enumerate(synthetic_images([224, 224, 3], per_label, seed=20 + index)):
+            Image.fromarray(image).save(folder / label / f"{i}.png")
+    return folder
+
+
+def test_update_trains_the_head_and_keeps_the_link(updatable_build, tmp_path: Path, capsys):
+    from convert.check.reference import evaluate_spec
+    from convert.check.verify import image_shape, synthetic_images
+    from convert.cli import main
+
+    out, _ = updatable_build
+    images = _labelled(tmp_path / "photos", "abc")
+    updated = tmp_path / "app-support" / "bn_head.mlmodel"  # outside the build folder
+    updated.parent.mkdir()
+    before = _load(out / "bn_head.mlmodel")
+    args = ["update", str(out / "bn_head.mlmodel"), "--images", str(images), "--out"]
+    assert main([*args, str(updated), "--epochs", "10", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 18 and result["labels"] == ["a", "b", "c"]
+    assert len(result["losses"]) == 10 and result["losses"][-1] < result["losses"][0]
+    assert result["accuracy_after"] > result["accuracy_before"]  # 33% -> 56% when written
+    after = _load(updated)
+    assert validate_spec(after) == []
+    stub_before, head_before = before.pipelineClassifier.pipeline.models
+    stub_after, head_after = after.pipelineClassifier.pipeline.models
+    assert stub_after.SerializeToString() == stub_before.SerializeToString()
+    changed = {
+        layer.name
+        for old, layer in zip(
+            head_before.neuralNetworkClassifier.layers,
+            head_after.neuralNetworkClassifier.layers,
+            strict=True,
+        )
+        if old.SerializeToString() != layer.SerializeToString()
+    }
+    assert changed == {"hidden", "predictions"}  # the updatable layers, and only they
+    # from its new folder, the updated pipeline binds the build's backbone through $BUNDLE_MAIN
+    hwc = image_shape(after, updated)
+    feed = {after.description.input[0].name: synthetic_images(hwc, 2, seed=5)}
+    _, bound = evaluate_spec(after, feed, model_dir=updated.parent, bundle_main=out)
+    backbone = stub_before.linkedModel.linkedModelFile.linkedModelFileName.defaultValue
+    assert backbone.endswith(".mlmodelc")  # the compiled name; the evaluator reads the source
+    assert [p.resolve() for _, p in bound] == [(out / backbone).with_suffix(".mlmodel").resolve()]
+
+
+def test_update_refuses_what_it_cannot_train(updatable_build, tmp_path: Path, capsys) -> None:
+    from convert.cli import main
+
+    out, _ = updatable_build
+    images = _labelled(tmp_path / "photos", "ax", per_label=1)
+    target = tmp_path / "updated.mlmodel"
+    cases = [
+        (out / "bn_head.mlmodel", images, "x: is not a label of this classifier (a, b, c)"),
+        (out / "bn_head.mlmodel", tmp_path / "none", "none: no such folder"),
+        (out / next(p.name for p in out.glob("MobileNetV2-*.mlmodel")), images, "pipeline"),
+    ]
+    for model, folder, reason in cases:
+        code = main(["update", str(model), "--images", str(folder), "--out", str(target)])
+        err = capsys.readouterr().err
+        assert code != 0 and reason in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not target.exists()

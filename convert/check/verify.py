@@ -357,7 +357,7 @@ def _verify_one(
     pipeline = out / entry["file"]
     try:
         spec = load_reference(pipeline).spec
-        hwc = _image_shape(spec, pipeline)
+        hwc = image_shape(spec, pipeline)
         images = (
             load_images(images_dir, hwc, count if count else None)
             if images_dir
@@ -446,7 +446,7 @@ def _report_problem(report: Any) -> str | None:
     return None
 
 
-def _image_shape(spec: Any, path: Path) -> list[int]:
+def image_shape(spec: Any, path: Path) -> list[int]:
     for feature in spec.description.input:
         if feature.type.WhichOneof("Type") == "imageType":
             image = feature.type.imageType
