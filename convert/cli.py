@@ -255,6 +255,11 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument(
         "--bundle-main", type=Path, metavar="DIR", help="where $BUNDLE_MAIN is, for the backbone"
     )
+    update.add_argument(
+        "--verify",
+        action="store_true",
+        help="then check the updated model against its Keras model given the learned weights",
+    )
     update.add_argument("--json", action="store_true", help="print JSON instead of lines")
     update.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
@@ -320,15 +325,39 @@ def _update_command(args, out) -> int:
         args.bundle_main,
         (lambda msg: _say(out, msg)) if show else None,
     )
-    if args.json:
-        print(json.dumps(asdict(result), indent=2))
-    elif show:
+    if show:
         _say(
             out,
             f"accuracy on those images: {result.accuracy_before:.0%} before, "
-            f"{result.accuracy_after:.0%} after; wrote {args.out} ({result.bytes:,} bytes)",
+            f"{result.accuracy_after:.0%} after; wrote {args.out} ({result.bytes:,} bytes) "
+            f"in {result.seconds:.1f} s",
         )
-    return 0
+    code, found = 0, {}
+    if args.verify:
+        code, found = _verify_update(args, (lambda msg: _say(out, msg)) if show else None)
+    if args.json:
+        print(json.dumps({**asdict(result), **found}, indent=2))
+    return code
+
+
+def _verify_update(args, say) -> tuple[int, dict]:
+    """Verify the updated model in the place of its classifier in the build it came from,
+    the backbone found from that build as from an app's bundle."""
+    from convert.check.update import classifier_name
+    from convert.check.verify import PASSED, as_json, verify_build
+
+    build = args.pipeline.parent
+    name = classifier_name(build, args.pipeline)
+    run = verify_build(
+        build,
+        only=[name],
+        files={name: args.out},
+        bundle_main=args.bundle_main or build,
+        progress=say,
+    )
+    problems = [p.line for p in run.errors + run.unverified]
+    found = {"verify": as_json(run.results), "verify_problems": problems}
+    return (0 if run.outcome == PASSED else 1), found
 
 
 def _run(args, out, err) -> int:

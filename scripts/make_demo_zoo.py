@@ -16,7 +16,8 @@ Output, per classifier: ``<stem>.h5`` plus ``<stem>.labels.txt`` (one label per 
 saved by tf_keras (Keras 2 HDF5 layout) and some by Keras 3, all with bit-identical backbone
 weights; plus ``demo-images/<stem>-<label>.png``, one sample image per label (the first held-out
 image its classifier gets right), and ``demo-images/expected.json`` with the Keras probabilities
-for each, for later verification of converted models.
+for each, for later verification of converted models; and ``demo-photos/<stem>/<label>/``, eight
+new images per label for ``coreml-split update`` to learn from.
 
 This file is also the one place that knows how to build the shared backbone: ``tests/factory.py``
 imports ``keras_module``, ``backbone_weights`` and ``build_mobilenet`` from it via importlib.
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 
 SIZE = 96
+PHOTOS_PER_LABEL = 8  # demo-photos/<classifier>/<label>/
 ALPHA = 0.35
 BACKBONE_SEED = 0
 # Names given explicitly so files do not depend on Keras' global name counters.
@@ -536,7 +538,21 @@ def build_zoo(
         )
         print(f"{path.name}: train accuracy {accuracy:.3f} ({rows[-1]['seconds']:.1f} s)")
     (samples / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    write_photos(out / "demo-photos", seed + 2)
     return rows
+
+
+def write_photos(folder: Path, seed: int, per_label: int = PHOTOS_PER_LABEL) -> None:
+    """The "user's photos" that ``coreml-split update`` learns from: for each classifier, one
+    sub-folder per label (as Create ML takes them) of images no head was trained on."""
+    from PIL import Image
+
+    for task in TASKS:
+        images, labels = make_images(task, per_label, seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            target = folder / task.stem / task.labels[label]
+            target.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(target / f"{i // len(task.labels):02d}.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,31 @@ def load_keras_model(graph: Graph) -> Any:
         ) from None
 
 
+def set_dense_weights(model: Any, weights: dict[str, list[Any]], path: Path) -> None:
+    """Give the Dense layers named in ``weights`` (anywhere in ``model``, nested models
+    included) those weights; a name that is not one Dense layer of a matching shape is a
+    ConversionError."""
+    found: dict[str, list[Any]] = {}
+
+    def visit(layer: Any) -> None:
+        if layer.name in weights and type(layer).__name__ == "Dense":
+            found.setdefault(layer.name, []).append(layer)
+        for inner in getattr(layer, "layers", []):
+            visit(inner)
+
+    visit(model)
+    for name, values in weights.items():
+        layers = found.get(name, [])
+        if len(layers) != 1:
+            raise ConversionError(path, f"the model has {len(layers)} Dense layers named {name!r}")
+        shapes = [tuple(w.shape) for w in layers[0].get_weights()]
+        if shapes != [tuple(v.shape) for v in values]:
+            raise ConversionError(
+                path, f"Dense layer {name!r} holds weights of shapes {shapes}, not the update's"
+            )
+        layers[0].set_weights(values)
+
+
 def _model_config(path: Path | str) -> dict[str, Any]:
     """The file's ``model_config``, parsed as Keras parses it (the reader has checked it)."""
     import h5py

@@ -11,6 +11,7 @@ the stub, and so the link to the same backbone file, are written back as they we
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ class UpdateResult:
     accuracy_before: float = 0.0  # on the training images
     accuracy_after: float = 0.0
     bytes: int = 0  # of the model written
+    seconds: float = 0.0
 
 
 def update_pipeline(
@@ -47,10 +49,11 @@ def update_pipeline(
     from convert.check.reference import evaluate_spec
     from convert.check.reference.evaluate import read_spec
     from convert.check.reference.train import train, training_of, write_back
-    from convert.check.verify import image_shape
+    from convert.check.verify import UPDATED, image_shape
     from convert.files import write_atomic
 
     say = say or (lambda _msg: None)
+    started = time.perf_counter()
     spec = read_spec(path)
     stub, head = _parts(spec, path)
     labels = _class_labels(head, path)
@@ -85,10 +88,24 @@ def update_pipeline(
         lambda epoch, loss: say(f"epoch {epoch}/{training.epochs}: loss {loss:.4f}"),
     )
     write_back(head, trained)
+    spec.description.metadata.userDefined[UPDATED] = (
+        f"trained on {len(x)} images of {len(folders)} labels, {training.epochs} epochs"
+    )
     result.losses = list(trained.losses)
     result.accuracy_after = _accuracy(head, feats, y)
     result.bytes = write_atomic(out, spec.SerializeToString())
+    result.seconds = time.perf_counter() - started
     return result
+
+
+def classifier_name(build: Path, pipeline: Path) -> str:
+    """The name report.json gives the classifier whose pipeline ``pipeline`` is."""
+    from convert.check.verify import read_report
+
+    for entry in read_report(build / "report.json"):
+        if entry["file"] == pipeline.name:
+            return entry["name"]
+    raise SplitError(build / "report.json", f"lists no classifier in {pipeline.name}")
 
 
 def _parts(spec: Any, path: Path) -> tuple[Any, Any]:

@@ -203,13 +203,21 @@ def synthetic_images(hwc: list[int], count: int, seed: int = 0) -> np.ndarray:
 # -- the two sides ---------------------------------------------------------------------------
 
 
-def keras_probabilities(source: Path, preprocessing: str, images: np.ndarray) -> np.ndarray:
-    """The Keras model's output for 0-255 images, preprocessed as the Core ML input does."""
-    from convert.check.keras_model import load_keras_model
+def keras_probabilities(
+    source: Path,
+    preprocessing: str,
+    images: np.ndarray,
+    learned: dict[str, list[np.ndarray]] | None = None,
+) -> np.ndarray:
+    """The Keras model's output for 0-255 images, preprocessed as the Core ML input does;
+    ``learned`` gives Dense layers (by name) the weights an update taught them."""
+    from convert.check.keras_model import load_keras_model, set_dense_weights
     from convert.read.h5 import read_model
 
     graph = read_model(source, with_digests=False)
     model = load_keras_model(graph)
+    if learned:
+        set_dense_weights(model, learned, source)
     x = PREPROCESSING[preprocessing].apply(images)
     try:
         outs = [
@@ -223,9 +231,9 @@ def keras_probabilities(source: Path, preprocessing: str, images: np.ndarray) ->
 
 def coreml_probabilities(
     pipeline: Path, images: np.ndarray, bundle_main: Path | None = None, compute: str = "float32"
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """(probabilities in label order, labels, linked files bound) from the reference evaluator,
-    computing in ``compute`` (float32 or float16)."""
+) -> tuple[np.ndarray, list[str], list[Path]]:
+    """(probabilities in label order, labels, paths of the linked files bound) from the
+    reference evaluator, computing in ``compute`` (float32 or float16)."""
     from convert.check import reference
 
     model = reference.load(pipeline)
@@ -235,7 +243,7 @@ def coreml_probabilities(
         batch = {image: images[i : i + BATCH]}
         result = model.predict(batch, bundle_main=bundle_main, compute=compute)
         outs.append(np.asarray(result["__probabilities__"], dtype=np.float64))
-    bound = sorted({Path(p).name for _, p in model.bound})
+    bound = sorted({Path(p) for _, p in model.bound})
     return np.concatenate(outs), class_labels(model.spec), bound
 
 
@@ -301,9 +309,11 @@ def verify_build(
     progress=None,
     only: list[str] | None = None,
     compute: str = "float32",
+    files: dict[str, Path] | None = None,
 ) -> Verification:
     """Verify every classifier listed in ``out/report.json``, the reference evaluator computing
-    in ``compute`` (float32 or float16).
+    in ``compute`` (float32 or float16). ``files`` puts a pipeline elsewhere in the place of a
+    classifier's own (an updated one: ``coreml-split update --verify``).
 
     A report.json that is missing or damaged is a :class:`RunError`; anything that goes wrong
     with one classifier stays with that classifier (an error, or unverified)."""
@@ -321,7 +331,10 @@ def verify_build(
     run = Verification()
     for entry in entries:
         try:
-            found = _verify_one(out, entry, images_dir, count, tolerances, bundle_main, compute)
+            pipeline = (files or {}).get(entry["name"], out / entry["file"])
+            found = _verify_one(
+                pipeline, entry, images_dir, count, tolerances, bundle_main, compute
+            )
         except Exception as exc:  # not foreseen: this classifier is unverified, the rest go on
             found = Problem(
                 entry["name"],
@@ -342,7 +355,7 @@ def verify_build(
 
 
 def _verify_one(
-    out: Path,
+    pipeline: Path,
     entry: dict[str, Any],
     images_dir: Path | None,
     count: int,
@@ -354,7 +367,6 @@ def _verify_one(
     Keras (its failures leave the classifier unverified)."""
     from convert.check.reference import load as load_reference
 
-    pipeline = out / entry["file"]
     try:
         spec = load_reference(pipeline).spec
         hwc = image_shape(spec, pipeline)
@@ -365,18 +377,21 @@ def _verify_one(
         )
         got, labels, bound = coreml_probabilities(pipeline, images, bundle_main, compute)
         got = _in_label_order(got, labels, entry["labels"], pipeline)
-        storage = _weakest([spec] + [load_reference(out / b).spec for b in bound])
+        storage = _weakest([spec] + [load_reference(b).spec for b in bound])
     except SplitError as exc:
         return Problem(entry["name"], entry["file"], str(exc.path or pipeline), exc.reason, ERROR)
     source = Path(entry["source"])
     try:
-        expected = keras_probabilities(source, entry["preprocessing"], images)
+        expected = keras_probabilities(
+            source, entry["preprocessing"], images, learned_weights(spec)
+        )
     except SplitError as exc:
         return Problem(
             entry["name"], entry["file"], str(exc.path or source), exc.reason, UNVERIFIED
         )
     try:
-        return _compare(entry, expected, got, storage, compute, tolerances, bound)
+        names = [b.name for b in bound]
+        return _compare(entry, expected, got, storage, compute, tolerances, names)
     except SplitError as exc:
         return Problem(entry["name"], entry["file"], str(exc.path or pipeline), exc.reason, ERROR)
 
@@ -444,6 +459,29 @@ def _report_problem(report: Any) -> str | None:
             return f"{where} is listed twice"
         names.add(entry["name"])
     return None
+
+
+UPDATED = "coreml-split.updated"  # metadata that `coreml-split update` writes
+
+
+def learned_weights(spec: Any) -> dict[str, list[np.ndarray]]:
+    """What an update taught a pipeline (its metadata says so): each updatable Dense layer's
+    [kernel, bias] as Keras holds them, so that Keras computes with them too. Empty for a
+    pipeline as converted, which must match the Keras weights unaided."""
+    from convert.check.reference.weights import decode
+
+    if spec.WhichOneof("Type") != "pipelineClassifier":
+        return {}
+    if UPDATED not in spec.description.metadata.userDefined:
+        return {}
+    head = spec.pipelineClassifier.pipeline.models[-1]
+    learned = {}
+    for layer in head.neuralNetworkClassifier.layers:
+        if layer.isUpdatable and layer.WhichOneof("layer") == "innerProduct":
+            p = layer.innerProduct
+            kernel = decode(p.weights, (p.outputChannels, p.inputChannels)).T
+            learned[layer.name] = [kernel] + ([decode(p.bias)] if p.hasBias else [])
+    return learned
 
 
 def image_shape(spec: Any, path: Path) -> list[int]:
