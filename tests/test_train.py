@@ -21,11 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import keras_heads
 import numpy as np
 import pytest
 
 from convert.check.reference import train as trainer
-from convert.check.reference.weights import decode
 from convert.read.training import ADAM, SGD, Training
 
 IMAGES = 20  # two full mini-batches of 8 and a short one of 4
@@ -63,81 +63,17 @@ def heads(updatable_build) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
     return found
 
 
-def _dense(head: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(name, Keras kernel [C_in, C_out], bias or None) of each innerProduct, in order."""
-    out = []
-    for layer in head.neuralNetworkClassifier.layers:
-        if layer.WhichOneof("layer") == "innerProduct":
-            p = layer.innerProduct
-            w = decode(p.weights, (p.outputChannels, p.inputChannels))
-            out.append((layer.name, w.T.copy(), decode(p.bias) if p.hasBias else None))
-    return out
-
-
-def _keras_head(head: Any, features: np.ndarray, dtype: str = "float64") -> Any:
-    """The head in Keras, with the spec's weights: Dense(relu) [-> frozen BatchNorm] -> Dense
-    softmax, as tests/zoos.py built it."""
-    from convert.heavy import keras
-
-    K = keras(3)
-    K.utils.set_random_seed(0)
-    (n1, k1, b1), (n2, k2, b2) = _dense(head)
-    inp = K.Input((features.shape[1],), dtype=dtype)
-    first = K.layers.Dense(k1.shape[1], "relu", use_bias=b1 is not None, dtype=dtype)
-    x = first(inp)
-    norm = None
-    for layer in head.neuralNetworkClassifier.layers:
-        if layer.WhichOneof("layer") == "batchnorm":
-            bn = layer.batchnorm
-            norm = K.layers.BatchNormalization(epsilon=bn.epsilon, dtype=dtype)
-            x = norm(x)
-            stats = [decode(getattr(bn, f)) for f in ("gamma", "beta", "mean", "variance")]
-    last = K.layers.Dense(k2.shape[1], "softmax", use_bias=b2 is not None, dtype=dtype)
-    model = K.Model(inp, last(x))
-    first.set_weights([k1] + ([b1] if b1 is not None else []))
-    last.set_weights([k2] + ([b2] if b2 is not None else []))
-    if norm is not None:
-        norm.set_weights(stats)
-        norm.trainable = False  # Keras 3 then runs it on its moving statistics, as Core ML
-    return model
-
-
-def _keras_epoch(
-    model: Any, training: Training, x: np.ndarray, y: np.ndarray, dtype: str
-) -> list[Any]:
-    from convert.heavy import keras
-
-    K = keras(3)
-    if training.optimizer == SGD:
-        optimizer = K.optimizers.SGD(training.learning_rate, momentum=training.momentum)
-    else:
-        optimizer = K.optimizers.Adam(
-            training.learning_rate, training.beta1, training.beta2, training.eps
-        )
-    # a Keras loss computes in float32 unless told: its rounding would reach the gradients
-    model.compile(optimizer=optimizer, loss=K.losses.SparseCategoricalCrossentropy(dtype=dtype))
-    model.fit(x, y, batch_size=training.batch_size, epochs=1, shuffle=False, verbose=0)
-    return [layer.get_weights() for layer in model.layers if isinstance(layer, K.layers.Dense)]
-
-
 def _parity(
     head: Any, features: np.ndarray, labels: np.ndarray, training: Training, dtype="float64"
-):
-    """(largest weight difference over the largest weight, the same for the step taken)."""
-    model = _keras_head(head, features, dtype)
-    before = [layer[1:] for layer in _dense(head)]
-    keras_after = _keras_epoch(model, training, features, labels, dtype)
+) -> tuple[float, float]:
+    """One epoch of ours and of Keras' fit: (largest weight difference over the largest
+    weight, the same over the largest step Keras took)."""
+    x = keras_heads.tail_input(head, features)
+    model = keras_heads.keras_tail(head, x.shape[1], dtype)
+    before = keras_heads.dense_weights(model)
+    keras_heads.keras_fit(model, training, x, labels, dtype)
     ours = trainer.train(head, features, labels, replace(training, epochs=1, shuffle=False))
-    weight_error, step_error = 0.0, 0.0
-    for (name, _, _), (k0, b0), got in zip(_dense(head), before, keras_after, strict=True):
-        pairs = [(ours.weights[name].T, got[0], k0)]
-        if b0 is not None:
-            pairs.append((ours.biases[name], got[1], b0))
-        for mine, theirs, start in pairs:
-            diff = float(np.abs(mine - theirs).max())
-            weight_error = max(weight_error, diff / float(np.abs(theirs).max()))
-            step_error = max(step_error, diff / float(np.abs(theirs - start).max()))
-    return weight_error, step_error
+    return keras_heads.errors(ours, keras_heads.dense_weights(model), before)
 
 
 def test_the_keras_head_computes_what_the_core_ml_head_does(heads) -> None:
@@ -145,8 +81,12 @@ def test_the_keras_head_computes_what_the_core_ml_head_does(heads) -> None:
     from convert.check.reference.features import PROBABILITIES
 
     for name, (head, features, _) in heads.items():
-        model = _keras_head(head, features)
-        want = np.asarray(model.predict(features, verbose=0))
+        x = keras_heads.tail_input(head, features)
+        model = keras_heads.keras_tail(head, x.shape[1])
+        assert sorted(keras_heads.dense_weights(model)) == sorted(
+            layer.name for layer in head.neuralNetworkClassifier.layers if layer.isUpdatable
+        )
+        want = np.asarray(model.predict(x, verbose=0))
         got, _ = evaluate_spec(
             head, {head.description.input[0].name: features}, model_dir=Path(".")
         )

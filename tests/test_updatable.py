@@ -461,3 +461,27 @@ def test_verify_holds_an_updated_model_to_its_learned_weights(updatable_build, t
     unmarked.write_bytes(spec.SerializeToString())
     run = verify_build(out, count=4, only=["bn_head"], files={"bn_head": unmarked}, bundle_main=out)
     assert len(run.beyond) == 1, run.summary
+
+
+def test_the_lower_bound_counts_updatable_layers_at_float32(updatable_build) -> None:
+    """With float16 heads, each updatable weight costs 2 bytes more in the lower bound than it
+    would frozen: 4 bytes, not 2. Those weights are the updatable layers' of the build."""
+    from convert.plan.make import make_plan
+    from convert.read.manifest import load_manifest
+
+    out, _ = updatable_build
+    models = out.parent / "models"
+    manifest = load_manifest(models)  # the build's: two heads learn two layers
+    frozen, _ = make_plan(models, manifest=manifest, head_weights="float16")
+    learning, _ = make_plan(models, manifest=manifest, head_weights="float16", updatable=True)
+    updatable = 0
+    for path in out.glob("*.mlmodel"):
+        spec = _load(path)
+        if spec.WhichOneof("Type") != "pipelineClassifier":
+            continue
+        head = spec.pipelineClassifier.pipeline.models[-1].neuralNetworkClassifier
+        for layer in head.layers:
+            if layer.isUpdatable:
+                p = layer.innerProduct
+                updatable += p.inputChannels * p.outputChannels + p.outputChannels * p.hasBias
+    assert updatable and learning.lower_bound_bytes - frozen.lower_bound_bytes == 2 * updatable

@@ -174,6 +174,7 @@ def _count_unique(plan: Plan, analyses: list[Analysis]) -> None:
         if group is not None and model.split_tensor is not None:
             inside = a.graph.ancestors([model.split_tensor])
         folded = _folded_batchnorms(a.graph)
+        learning = _updatable_nodes(a, inside)
         for node in a.graph.nodes:
             weights = node.layer.weights
             if node.index in folded:  # written as the convolution's bias: one value a channel
@@ -182,6 +183,8 @@ def _count_unique(plan: Plan, analyses: list[Analysis]) -> None:
                     weights = []
             for w in weights:
                 storage = group.weights if node.index in inside and group else model.weights
+                if node.index in learning:  # updatable layers stay float32
+                    storage = FLOAT32
                 short = w.name.split(":")[0]
                 kernel = short in _KERNELS and len(w.shape) >= 2
                 depthwise = (
@@ -200,6 +203,17 @@ def _count_unique(plan: Plan, analyses: list[Analysis]) -> None:
                     seen.add(w.digest)
                     plan.stored.setdefault(storage, UniqueWeights()).add(w.size, kernel, channels)
     plan.unique_parameters = plan.unique.kernel_parameters + plan.unique.other_parameters
+
+
+def _updatable_nodes(a: Analysis, inside: set[int]) -> set[int]:
+    """The head's last Dense nodes that an updatable model learns, as build/updatable marks
+    its innerProducts (the last k)."""
+    training = a.plan.training
+    if training is None:
+        return set()
+    dense = [n.index for n in a.graph.nodes if n.layer.class_name == "Dense"]
+    dense = [i for i in dense if i not in inside]
+    return set(dense[-training.updatable_layers :])
 
 
 def _check_input_names(plan: Plan, manifest: Manifest) -> None:

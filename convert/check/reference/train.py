@@ -105,7 +105,7 @@ def train(
     problem = training.problem()
     if problem:
         raise ReferenceError(path, f"cannot train: {problem}")
-    tail = _Tail(spec, path)
+    tail = Tail(spec, path)
     x = tail.frozen_outputs(inputs)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(x) or not len(x):
@@ -158,7 +158,7 @@ class _Dense:
     learns_b: bool
 
 
-class _Tail:
+class Tail:
     """The layers from the first updatable one to the loss's softmax, as a chain on (N, C)."""
 
     def __init__(self, spec: Any, path: Path | None) -> None:
