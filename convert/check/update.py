@@ -145,13 +145,10 @@ def _labelled_images(
             f"is not a label of this classifier ({', '.join(labels[:8])}"
             f"{', ...' if len(labels) > 8 else ''})",
         )
-    xs, ys = [], []
-    for sub in sorted(subfolders, key=lambda p: labels.index(p.name)):
-        batch = load_images(sub, hwc)
-        xs.append(batch)
-        ys.append(np.full(len(batch), labels.index(sub.name)))
-    order = [p.name for p in sorted(subfolders, key=lambda p: labels.index(p.name))]
-    return np.concatenate(xs), np.concatenate(ys), order
+    ordered = sorted(subfolders, key=lambda p: labels.index(p.name))
+    xs = [load_images(sub, hwc) for sub in ordered]
+    ys = [np.full(len(x), labels.index(sub.name)) for x, sub in zip(xs, ordered, strict=True)]
+    return np.concatenate(xs), np.concatenate(ys), [p.name for p in ordered]
 
 
 def _accuracy(head: Any, features: np.ndarray, labels: np.ndarray) -> float:
