@@ -115,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = _Parser(add_help=False)
-    common.add_argument("models", type=Path, help="a folder of .h5 files (searched recursively)")
+    common.add_argument(
+        "models", type=Path, help="a folder of .h5 or .keras files (searched recursively)"
+    )
     common.add_argument(
         "--preprocess",
         action="append",
@@ -426,7 +428,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
         )
     _print_errors(plan.errors, err, args.debug)
     if not plan.models and not plan.errors:
-        err.print(f"error: {args.models}: no .h5 models found", markup=False)
+        err.print(f"error: {args.models}: no .h5 or .keras models found", markup=False)
         return EXIT_FAILED
     return EXIT_FAILED if plan.errors else EXIT_OK
 
@@ -438,7 +440,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     if not plan.models:
         _print_errors(plan.errors, err, args.debug)
         if not plan.errors:
-            err.print(f"error: {args.models}: no .h5 models found", markup=False)
+            err.print(f"error: {args.models}: no .h5 or .keras models found", markup=False)
         return EXIT_FAILED
     show = not (args.quiet or args.json)
     if show:

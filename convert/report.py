@@ -60,6 +60,7 @@ class Report:
     lower_bound_bytes: int = 0  # each distinct weight once, in the storage it is written in
     lower_bounds: dict[str, int] = field(default_factory=dict)  # the zoo in each one storage
     verify: list[dict[str, Any]] | None = None  # convert.check.verify.VerifyResult as dicts
+    aliases: dict[str, str] = field(default_factory=dict)  # zoo.toml's [aliases], for verify
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Report:
@@ -70,6 +71,7 @@ class Report:
             lower_bound_bytes=data["totals"]["lower_bound_bytes"],
             lower_bounds=data["totals"].get("lower_bounds", {}),
             verify=data.get("verify"),
+            aliases=data.get("aliases", {}),
         )
 
     def totals(self) -> dict[str, Any]:
@@ -93,13 +95,18 @@ class Report:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "tool": f"coreml-split {__version__}",
             "backbones": [asdict(b) for b in self.backbones],
             "classifiers": [asdict(c) for c in self.classifiers],
             "totals": self.totals(),
             "errors": [{"file": e.file, "reason": e.reason} for e in self.errors],
-        } | ({"verify": self.verify} if self.verify is not None else {})
+        }
+        if self.verify is not None:
+            out["verify"] = self.verify
+        if self.aliases:
+            out["aliases"] = self.aliases
+        return out
 
 
 def mb(n: int | None) -> str:

@@ -99,8 +99,8 @@ def save_transfer_classifier(
 
     layout "nested": ``base(inp, training=False)`` in a Functional model; "flat": the backbone's
     layers inline; "sequential": ``Sequential([base, ...])``. Saved with ``model.save`` as HDF5
-    by the flavour's Keras. ``labels=True`` writes ``<stem>.labels.txt`` (class_a, ...); a list
-    writes those labels.
+    by the flavour's Keras, or, for a ``.keras`` path, as Keras 3's native archive.
+    ``labels=True`` writes ``<stem>.labels.txt`` (class_a, ...); a list writes those labels.
     """
     path = Path(path)
     base = mobilenet_backbone(flavour, size=size, seed=backbone_seed)
@@ -115,7 +115,10 @@ def save_transfer_classifier(
         dense_weights=dense,
         name=f"{layout}_classifier",
     )
-    zoo.save_h5(model, path)
+    if path.suffix == ".keras":
+        model.save(path)
+    else:
+        zoo.save_h5(model, path)
     if labels:
         names = default_labels(n_classes) if labels is True else list(labels)
         if len(names) != n_classes:

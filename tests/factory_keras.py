@@ -227,3 +227,26 @@ def lambda_function_config(marker: str | Path) -> list[Any]:
         return x
 
     return list(generic_utils.func_dump(evil))
+
+
+def resave_with_custom_depthwise(src: str | Path, dst: str | Path) -> Path:
+    """What a common patch does to load a Teachable Machine file in Keras 3: load ``src`` with
+    a ``CustomDepthwiseConv2D`` (a DepthwiseConv2D that drops ``groups``) in the place of
+    DepthwiseConv2D, and save it to ``dst`` (.h5 or .keras). The weights stay bit-identical;
+    the file now names a class Keras does not have."""
+    import keras as K
+
+    class CustomDepthwiseConv2D(K.layers.DepthwiseConv2D):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.pop("groups", None)
+            super().__init__(**kwargs)
+
+    model = K.models.load_model(
+        src, compile=False, custom_objects={"DepthwiseConv2D": CustomDepthwiseConv2D}
+    )
+    dst = Path(dst)
+    if dst.suffix == ".keras":
+        model.save(dst)
+    else:
+        factory.zoo.save_h5(model, dst)
+    return dst

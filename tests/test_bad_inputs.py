@@ -69,7 +69,7 @@ def test_plan_reports_the_same_files_without_converting(bad_zoo: Path, capsys) -
 
 def test_an_empty_or_missing_folder_is_an_error(tmp_path: Path, capsys) -> None:
     assert main(["plan", str(tmp_path)]) == 1
-    assert "no .h5 models found" in capsys.readouterr().err
+    assert "no .h5 or .keras models found" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "nope")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 

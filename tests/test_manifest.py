@@ -161,7 +161,7 @@ def test_toml_syntax_error_names_the_line(tmp_path: Path) -> None:
 
 def test_unknown_top_level_table(tmp_path: Path) -> None:
     message = fails(tmp_path, '[zoo]\nauthor = "x"\n')
-    assert message.endswith("zoo: unknown key (known: defaults, models, backbones)")
+    assert message.endswith("zoo: unknown key (known: defaults, models, backbones, aliases)")
 
 
 def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:

@@ -146,10 +146,10 @@ def test_an_unforeseen_failure_stays_with_its_classifier(
 ) -> None:
     real = verify.keras_probabilities
 
-    def flaky(source, preprocessing, images, learned=None):
+    def flaky(source, preprocessing, images, learned=None, aliases=None):
         if Path(source).name == "tiny.h5":
             raise KeyError("kernel")
-        return real(source, preprocessing, images, learned)
+        return real(source, preprocessing, images, learned, aliases)
 
     monkeypatch.setattr(verify, "keras_probabilities", flaky)
     run = verify.verify_build(build, count=2)

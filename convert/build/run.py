@@ -47,6 +47,7 @@ def build(
         errors=list(plan.errors),
         lower_bound_bytes=plan.lower_bound_bytes,
         lower_bounds=plan.lower_bounds(),
+        aliases=dict(manifest.aliases),
     )
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out)

@@ -12,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from convert.errors import ConversionError
+from convert.errors import ConversionError, ModelFileError
 from convert.heavy import keras, tensorflow
+from convert.read.archive import Archive, is_archive
 from convert.read.graph import Graph, is_tensor_ref
+from convert.read.h5 import load_weight
 
 
 def load_keras_model(graph: Graph) -> Any:
@@ -37,8 +40,11 @@ def load_keras_model(graph: Graph) -> Any:
     except Exception as exc:  # an installation problem: said in one line like the others
         reason = f"{flavour} cannot load the model: {_first_line(exc)}"
         raise ConversionError(path, reason) from None
+    aliased = _apply_aliases(config, graph.aliases)
     refuse_foreign_code(path, config, names)
     try:
+        if aliased:
+            return _finalized(_from_config(graph, config, k))
         if graph.keras_major < 3:
             from tf_keras.src.saving.serialization_lib import SafeModeScope
 
@@ -51,11 +57,17 @@ def load_keras_model(graph: Graph) -> Any:
         if not repaired:
             with k.utils.custom_object_scope(_application_layers(3)):
                 return _finalized(k.models.load_model(path, compile=False, safe_mode=True))
+        if is_archive(Path(path)):
+            return _finalized(_from_config(graph, config, k))
         return _finalized(_load_repaired(path, config))
     except Exception as exc:  # Keras raises many kinds; the user needs the reason, in one line
-        raise ConversionError(
-            path, f"{flavour} cannot load the model: {_load_reason(exc)}"
-        ) from None
+        reason = _load_reason(exc)
+        unknown = _UNKNOWN_CLASS.search(reason)
+        if unknown:
+            reason = (
+                f"{unknown.group(1)} is not a {flavour} class; {_alias_hint(unknown.group(1), k)}"
+            )
+        raise ConversionError(path, f"{flavour} cannot load the model: {reason}") from None
 
 
 def set_dense_weights(model: Any, weights: dict[str, list[Any]], path: Path) -> None:
@@ -84,13 +96,20 @@ def set_dense_weights(model: Any, weights: dict[str, list[Any]], path: Path) -> 
 
 
 def _model_config(path: Path | str) -> dict[str, Any]:
-    """The file's ``model_config``, parsed as Keras parses it (the reader has checked it)."""
+    """The file's ``model_config`` (a .keras archive's config.json), parsed as Keras parses it
+    (the reader has checked it)."""
     import h5py
 
     try:
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
-        config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        if is_archive(Path(path)):
+            with Archive(Path(path)) as archive:
+                config = json.loads(archive.config())
+        else:
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("model_config")
+            config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except ModelFileError as exc:
+        raise ConversionError(path, exc.reason) from None
     except (OSError, TypeError, ValueError) as exc:
         raise ConversionError(path, f"cannot read model_config: {_first_line(exc)}") from None
     if not isinstance(config, dict):
@@ -408,6 +427,81 @@ def _load_repaired(path: str, config: dict[str, Any]) -> Any:
         model = saving_utils.model_from_config(config, custom_objects=_application_layers(3))
         weights = f["model_weights"] if "model_weights" in f else f
         legacy_h5_format.load_weights_from_hdf5_group(weights, model)
+    return model
+
+
+# -- aliases and configs Keras is given rebuilt --------------------------------------------------
+
+# What Keras says of a class it does not know (keras 3, tf_keras), once _load_reason shortened it.
+_UNKNOWN_CLASS = re.compile(
+    r"(?:Unknown layer|Could not locate class):? '([A-Za-z_][A-Za-z0-9_]*)'"
+)
+
+
+def _alias_hint(class_name: str, k: Any) -> str:
+    """How to tell coreml-split which Keras class ``class_name`` is: the Keras layer whose name
+    ends it (CustomDepthwiseConv2D -> DepthwiseConv2D), if any."""
+    target = next(
+        (
+            class_name[i:]
+            for i in range(1, len(class_name))
+            if class_name[i].isupper() and isinstance(getattr(k.layers, class_name[i:], None), type)
+        ),
+        "<KerasClass>",
+    )
+    return (
+        f"if it is a Keras layer saved under another name, say which in zoo.toml: "
+        f'[aliases] {class_name} = "{target}"'
+    )
+
+
+def _apply_aliases(config: Any, aliases: dict[str, str]) -> bool:
+    """Rename every aliased class in ``config`` (in place) to the Keras class it stands for, as
+    Keras itself would name it; True if any was renamed. No class the file names is looked up."""
+    found = False
+    if isinstance(config, list):
+        for item in config:
+            found |= _apply_aliases(item, aliases)
+    elif isinstance(config, dict):
+        name = config.get("class_name")
+        if isinstance(name, str) and name in aliases and isinstance(config.get("config"), dict):
+            config["class_name"] = aliases[name]
+            if "module" in config:  # the new format: where Keras finds the class
+                config["module"] = "keras.layers"
+                config["registered_name"] = None
+            found = True
+        for value in config.values():
+            found |= _apply_aliases(value, aliases)
+    return found
+
+
+def _from_config(graph: Graph, config: dict[str, Any], k: Any) -> Any:
+    """The model built by Keras from ``config`` (aliased or repaired), in safe mode, its weights
+    then set layer by layer from the file, where coreml-split's reader found them."""
+    if graph.keras_major < 3:
+        from tf_keras.src.saving.serialization_lib import SafeModeScope
+
+        with SafeModeScope(True), k.utils.custom_object_scope(_application_layers(2)):
+            model = k.models.model_from_json(json.dumps(config))
+    elif is_archive(Path(graph.source)):
+        from keras.src.saving import serialization_lib
+
+        with serialization_lib.SafeModeScope(True):
+            model = serialization_lib.deserialize_keras_object(
+                config, custom_objects=_application_layers(3), safe_mode=True
+            )
+    else:
+        from keras.src.legacy.saving import saving_options, saving_utils
+        from keras.src.saving import serialization_lib
+
+        legacy = saving_options.keras_option_scope(use_legacy_config=True)
+        with legacy, serialization_lib.SafeModeScope(True):
+            model = saving_utils.model_from_config(config, custom_objects=_application_layers(3))
+    objects = layer_objects(model, graph)
+    for layer in graph.layers():
+        if layer.weights:
+            values = [load_weight(graph.source, w) for w in layer.weights]
+            objects[layer.path].set_weights(values)
     return model
 
 

@@ -208,13 +208,15 @@ def keras_probabilities(
     preprocessing: str,
     images: np.ndarray,
     learned: dict[str, list[np.ndarray]] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> np.ndarray:
     """The Keras model's output for 0-255 images, preprocessed as the Core ML input does;
-    ``learned`` gives Dense layers (by name) the weights an update taught them."""
+    ``learned`` gives Dense layers (by name) the weights an update taught them, ``aliases``
+    (zoo.toml's, as the build used them) rename the classes the file names."""
     from convert.check.keras_model import load_keras_model, set_dense_weights
     from convert.read.h5 import read_model
 
-    graph = read_model(source, with_digests=False)
+    graph = read_model(source, with_digests=False, aliases=aliases)
     model = load_keras_model(graph)
     if learned:
         set_dense_weights(model, learned, source)
@@ -383,7 +385,7 @@ def _verify_one(
     source = Path(entry["source"])
     try:
         expected = keras_probabilities(
-            source, entry["preprocessing"], images, learned_weights(spec)
+            source, entry["preprocessing"], images, learned_weights(spec), entry["aliases"]
         )
     except SplitError as exc:
         return Problem(
@@ -414,7 +416,8 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     problem = _report_problem(report)
     if problem:
         raise _damaged(path, problem)
-    return report["classifiers"]
+    aliases = report.get("aliases", {})
+    return [entry | {"aliases": aliases} for entry in report["classifiers"]]
 
 
 def _damaged(path: Path, what: str) -> RunError:
@@ -434,6 +437,11 @@ def _report_problem(report: Any) -> str | None:
         return "'totals.lower_bound_bytes' is missing or not a number"
     if not isinstance(report.get("verify", []), list | None):
         return "'verify' is not a list"
+    aliases = report.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        return "'aliases' is not a table of class names"
     for key in ("backbones", "errors", "verify"):
         for i, item in enumerate(report.get(key) or []):
             if not isinstance(item, dict):

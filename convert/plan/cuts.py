@@ -132,11 +132,12 @@ def analyse(
     graph: Graph | None = None,
     labels: tuple[str, ...] | None = None,
     labels_source: str | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> Analysis:
     """Read one model and everything the planner needs from it. Raises SplitError.
 
     ``labels`` (from the manifest) replace the labels files beside the model."""
-    graph = graph or read_model(path)
+    graph = graph or read_model(path, aliases=aliases)
     hwc = image_input_shape(graph)
     classes = output_classes(graph)
     if labels is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from convert.read.training import training_from
 
 
 def find_models(root: Path) -> list[Path]:
-    """Every .h5/.hdf5 under ``root`` (or ``root`` itself), in a stable order."""
+    """Every .h5/.hdf5/.keras file under ``root`` (or ``root`` itself), in a stable order."""
     if root.is_file():
         return [root]
     if not root.is_dir():
@@ -44,11 +45,15 @@ def find_models(root: Path) -> list[Path]:
 
 def model_names(paths: list[Path]) -> dict[Path, str]:
     """A unique, file-system-safe name per model: the file's stem, or its folder's name for
-    Teachable Machine's ``keras_model.h5``; folders are prepended only where names collide."""
+    Teachable Machine's ``keras_model.h5``; folders are prepended only where names collide, and
+    the file's suffix where one model is saved twice (``m.h5`` and ``m.keras``)."""
+    twins = Counter(p.with_suffix("") for p in paths)
 
     def candidate(path: Path, depth: int) -> str:
         own = [] if path.stem == "keras_model" else [path.stem]
         folders = [p.name for p in path.parents if p.name][: depth + (0 if own else 1)]
+        if twins[path.with_suffix("")] > 1:
+            own.append(path.suffix.lstrip(".").lower())
         name = "-".join([*reversed(folders), *own]) or path.stem
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -103,7 +108,7 @@ def make_plan(
         if settings.labels is not None and labels_source == "zoo.toml":  # inline in the manifest
             labels_source = f"{manifest.path} (models.{name}.labels)"
         try:
-            graph = sources.graph(path) if sources is not None else None
+            graph = sources.graph(path, manifest.aliases) if sources is not None else None
             fresh = graph is None
             analyses.append(
                 analyse(
@@ -113,10 +118,11 @@ def make_plan(
                     graph=graph,
                     labels=settings.labels,
                     labels_source=labels_source,
+                    aliases=manifest.aliases,
                 )
             )
             if fresh and sources is not None:
-                sources.remember(path, analyses[-1].graph)
+                sources.remember(path, analyses[-1].graph, manifest.aliases)
             graphs.add(name, analyses[-1].graph)
         except SplitError as exc:
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))

@@ -20,7 +20,7 @@ BYTES_PER_PARAMETER = 4  # float32; the estimates below count every weight so
 # quarter of a model (MobileNetV2 up to its last block) is worth a linked model; a stem of a few
 # layers is not.
 DEFAULT_MIN_SHARED = 0.25
-MODEL_SUFFIXES = (".h5", ".hdf5")
+MODEL_SUFFIXES = (".h5", ".hdf5", ".keras")
 
 
 @dataclass

@@ -129,6 +129,8 @@ class Graph:
     tensors: list[Tensor]
     inputs: list[int]
     outputs: list[int]
+    # zoo.toml's [aliases] that this file used: its class name -> the Keras class read instead
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def keras_major(self) -> int:

@@ -12,6 +12,7 @@ import heapq
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from convert.errors import ModelFileError
+from convert.read.archive import WEIGHTS, Archive, is_archive
 from convert.read.graph import Graph, Layer, Node, Tensor, Weight, tensor_ids_in, tensor_ref
 from convert.read.limits import (
     MAX_ATTRIBUTE_BYTES,
@@ -49,15 +51,20 @@ _H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeE
 _LAYOUT_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError)
 
 
-def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
+def read_model(
+    path: str | Path, *, with_digests: bool = True, aliases: dict[str, str] | None = None
+) -> Graph:
     """Read ``path`` into a neutral graph. Raises :class:`ModelFileError` with a one-line reason.
+
+    ``aliases`` (zoo.toml's ``[aliases]``) read a layer class the file names as another: a
+    Keras class saved under a subclass' name reads as the Keras class.
 
     Every h5py access is guarded (a damaged file is one line, not h5py's traceback) and every
     size the file declares is bounded (:mod:`convert.read.limits`) before it is acted on.
     """
     path = Path(path)
     try:
-        return _read_model(path, with_digests)
+        return _read_model(path, with_digests, aliases or {})
     except RecursionError:  # a last resort: the bounds in limits.py should come first
         raise ModelFileError(
             path, "model_config nests too deeply to read (Python's recursion limit)"
@@ -66,28 +73,15 @@ def read_model(path: str | Path, *, with_digests: bool = True) -> Graph:
         raise ModelFileError(path, "reading it needs more memory than there is") from None
 
 
-def _read_model(path: Path, with_digests: bool) -> Graph:
-    handle = _open(path)
-    with handle as f:
+def _read_model(path: Path, with_digests: bool, aliases: dict[str, str]) -> Graph:
+    with _open(path) as (f, archive, file_size):
         _check_global_heaps(path, f)
-        with _reading(path, "reading the file's attributes"):
-            has_config = "model_config" in f.attrs
-            file_size = f.id.get_filesize()
-        if not has_config:
-            with _reading(path, "listing the file's contents"):
-                # Keras 2 save_weights: layer_names; Keras 3 .weights.h5: layers/ and vars/
-                weights = "layer_names" in f.attrs or "model_weights" in f
-                weights = weights or ("layers" in f and "vars" in f)
-            if weights:
-                raise ModelFileError(
-                    path,
-                    "holds weights only (no model_config); save the whole model with model.save()",
-                )
-            raise ModelFileError(path, "is an HDF5 file but not a Keras model (no model_config)")
-        version = _attr(path, f, "keras_version")
-        keras_version = "2" if version is None else _attr_text(path, version, "keras_version")
-        config = _model_config(path, f)
-        builder = _GraphBuilder(path, keras_version)
+        if archive is None:
+            config, keras_version = _legacy_config(path, f)
+        else:
+            config = _parse_config(path, archive.config(), "config.json")
+            keras_version = archive.keras_version()
+        builder = _GraphBuilder(path, keras_version, aliases)
         try:
             outputs = builder.expand(config, None, ())
         except ModelFileError:
@@ -96,12 +90,14 @@ def _read_model(path: Path, with_digests: bool) -> Graph:
             raise ModelFileError(
                 path, f"unexpected model_config layout ({type(exc).__name__}: {exc})"
             ) from None
-        weights_root = _child(path, f, "model_weights", "the group 'model_weights'")
-        if weights_root is None:
-            weights_root = f
-        _attach_weights(
-            path, weights_root, builder.layers, with_digests, _weight_bytes_bound(file_size)
-        )
+        bound = _weight_bytes_bound(file_size)
+        if archive is None:
+            weights_root = _child(path, f, "model_weights", "the group 'model_weights'")
+            _attach_weights(path, weights_root or f, builder.layers, with_digests, bound)
+        else:
+            _attach_archive_weights(path, f, config, builder.layers, with_digests, bound)
+            if with_digests:
+                archive.check_weights_crc()
     graph = Graph(
         source=path,
         keras_version=keras_version,
@@ -110,28 +106,65 @@ def _read_model(path: Path, with_digests: bool) -> Graph:
         tensors=builder.tensors,
         inputs=builder.inputs,
         outputs=outputs,
+        aliases=builder.aliased,
     )
     infer_shapes(graph, builder.recorded_shapes)
     check_weights(graph)
     return graph
 
 
+def _legacy_config(path: Path, f: Any) -> tuple[dict[str, Any], str]:
+    """A legacy .h5's model config and the Keras version that wrote it."""
+    with _reading(path, "reading the file's attributes"):
+        has_config = "model_config" in f.attrs
+    if not has_config:
+        with _reading(path, "listing the file's contents"):
+            # Keras 2 save_weights: layer_names; Keras 3 .weights.h5: layers/ and vars/
+            weights = "layer_names" in f.attrs or "model_weights" in f
+            weights = weights or ("layers" in f and "vars" in f)
+        if weights:
+            raise ModelFileError(
+                path,
+                "holds weights only (no model_config); save the whole model with model.save()",
+            )
+        raise ModelFileError(path, "is an HDF5 file but not a Keras model (no model_config)")
+    version = _attr(path, f, "keras_version")
+    keras_version = "2" if version is None else _attr_text(path, version, "keras_version")
+    return _model_config(path, f), keras_version
+
+
 # -- guarded reading ---------------------------------------------------------------------------
 
 
-def _open(path: Path) -> Any:
-    """The file, open for reading, or one line saying why it cannot be."""
+@contextmanager
+def _open(path: Path) -> Iterator[tuple[Any, Archive | None, int]]:
+    """(the HDF5 file open for reading, the .keras archive holding it or None, its size), or
+    one line saying why it cannot be opened. A .keras archive is told by its content."""
     import h5py
 
+    archive = Archive(path) if is_archive(path) else None
     try:
-        handle = h5py.File(path, "r")
-    except FileNotFoundError:
-        raise ModelFileError(path, "no such file") from None
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(
-            path, f"not a readable HDF5 file (corrupt or truncated): {_first_line(exc)}"
-        ) from None
-    return handle
+        if archive is None:
+            source: Any = path
+        else:
+            source, size = archive.weights()
+        try:
+            handle = h5py.File(source, "r")
+        except FileNotFoundError:
+            raise ModelFileError(path, "no such file") from None
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+            where = "" if archive is None else f"{WEIGHTS} inside it is "
+            raise ModelFileError(
+                path, f"{where}not a readable HDF5 file (corrupt or truncated): {_first_line(exc)}"
+            ) from None
+        with handle as f:
+            if archive is None:
+                with _reading(path, "reading the file's size"):
+                    size = f.id.get_filesize()
+            yield f, archive, size
+    finally:
+        if archive is not None:
+            archive.close()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -184,24 +217,29 @@ def _model_config(path: Path, f: Any) -> dict[str, Any]:
         text = _text(raw)
     except UnicodeError as exc:
         raise ModelFileError(path, f"model_config is not UTF-8 text: {exc}") from None
+    return _parse_config(path, text, "model_config")
+
+
+def _parse_config(path: Path, text: str, what: str) -> dict[str, Any]:
+    """The model config's JSON text, parsed within the bounds of :mod:`convert.read.limits`."""
     if len(text) > MAX_CONFIG_BYTES:  # a variable-length string: its size shows once read
         raise ModelFileError(
             path,
-            f"model_config is {len(text)} characters; coreml-split reads at most "
+            f"{what} is {len(text)} characters; coreml-split reads at most "
             f"{size_text(MAX_CONFIG_BYTES)}",
         )
     depth = _json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise ModelFileError(
             path,
-            f"model_config nests {depth} levels deep; coreml-split reads at most {MAX_JSON_DEPTH}",
+            f"{what} nests {depth} levels deep; coreml-split reads at most {MAX_JSON_DEPTH}",
         )
     try:
         config = json.loads(text)
     except (ValueError, TypeError) as exc:
-        raise ModelFileError(path, f"model_config is not valid JSON: {exc}") from None
+        raise ModelFileError(path, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
-        raise ModelFileError(path, f"model_config is a JSON {type(config).__name__}, not an object")
+        raise ModelFileError(path, f"{what} is a JSON {type(config).__name__}, not an object")
     return config
 
 
@@ -387,8 +425,10 @@ def _attr_text(path: Path, value: Any, what: str) -> str:
 class _GraphBuilder:
     """Expands (possibly nested) model configs into primitive nodes."""
 
-    def __init__(self, path: Path, keras_version: str) -> None:
+    def __init__(self, path: Path, keras_version: str, aliases: dict[str, str]) -> None:
         self.path = path
+        self.aliases = aliases
+        self.aliased: dict[str, str] = {}  # the aliases this file used
         self.keras2 = not keras_version.startswith("3")
         self.nodes: list[Node] = []
         self.tensors: list[Tensor] = []
@@ -439,6 +479,8 @@ class _GraphBuilder:
             )
         layer = self.layers.get(path)
         if layer is None:
+            if class_name in self.aliases:
+                self.aliased[class_name] = class_name = self.aliases[class_name]
             layer = Layer(path=path, class_name=class_name, config=config)
             self.layers[path] = layer
         return layer
@@ -810,6 +852,135 @@ def _attach_weights(
             )
 
 
+def _attach_archive_weights(
+    path: Path,
+    f: Any,
+    config: dict[str, Any],
+    layers: dict[tuple[str, ...], Layer],
+    digest: bool,
+    bound: int,
+) -> None:
+    """Give every primitive layer its weights from a .keras archive's model.weights.h5.
+
+    Keras 3 keeps a model's layers (InputLayers left out) under ``layers/<key>``, the key being
+    the snake_case class name made unique in the model's order (``conv2d``, ``conv2d_1``); a
+    nested model's under its own ``layers/<key>/layers/``. A layer's variables are
+    ``vars/0``, ``vars/1``, ... in Keras' order; the ``vars`` group records the layer's name.
+    """
+
+    def visit(spec: dict[str, Any], group: str, prefix: tuple[str, ...]) -> None:
+        used: dict[str, int] = {}
+        listed: dict[str, str] | None = None  # layer name -> key, read only if a key misses
+        for entry in spec.get("config", {}).get("layers", []):
+            class_name = entry.get("class_name")
+            if class_name == "InputLayer":
+                continue
+            name = _entry_name(entry)
+            key = _unique_key(_snake_case(str(class_name)), used)
+            if _vars_name(path, f, f"{group}/{key}") not in (None, name):
+                listed = listed if listed is not None else _keys_by_name(path, f, group)
+                key = listed.get(name, key)
+            here = f"{group}/{key}"
+            if class_name in MODEL_CLASSES and "layers" in entry.get("config", {}):
+                visit(entry, f"{here}/layers", prefix + (name,))
+            elif (layer := layers.get(prefix + (name,))) is not None:
+                _attach_vars(path, f, here, layer, digest, bound)
+
+    visit(config, "layers", ())
+
+
+def _snake_case(name: str) -> str:
+    """A class name as Keras 3 writes it into a weights file's paths."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _unique_key(key: str, used: dict[str, int]) -> str:
+    if key not in used:
+        used[key] = 0
+        return key
+    used[key] += 1
+    return f"{key}_{used[key]}"
+
+
+def _vars_name(path: Path, f: Any, group: str) -> str | None:
+    """The layer name a weights group records (None: no such group, or no name recorded)."""
+    found = _child(path, f, f"{group}/vars", f"the weights group '{group}'")
+    if found is None:
+        return None
+    raw = _attr(path, found, "name")
+    return None if raw is None else _attr_text(path, raw, f"the name of '{group}/vars'")
+
+
+def _keys_by_name(path: Path, f: Any, group: str) -> dict[str, str]:
+    """Every key under ``group`` by the layer name its ``vars`` group records."""
+    found = _child(path, f, group, f"the weights group '{group}'")
+    if found is None:
+        return {}
+    with _reading(path, f"listing '{group}'"):
+        keys = list(found.keys())[:MAX_LAYER_CALLS]
+    names = {}
+    for key in keys:
+        name = _vars_name(path, f, f"{group}/{key}")
+        if name is not None:
+            names.setdefault(name, key)
+    return names
+
+
+# What Keras 3 names the variables it saves as vars/0, vars/1, ..., by layer class (the names a
+# legacy .h5 of Keras 3 gives them). Other classes' variables keep their index as their name.
+def _variable_names(class_name: str, config: dict[str, Any]) -> list[str]:
+    bias = ["bias"] if config.get("use_bias", True) else []
+    scale = ["gamma"] if config.get("scale", True) else []
+    center = ["beta"] if config.get("center", True) else []
+    if class_name in _KERNEL_CLASSES:
+        return ["kernel", *bias]
+    if class_name in ("SeparableConv1D", "SeparableConv2D"):
+        return ["depthwise_kernel", "pointwise_kernel", *bias]
+    if class_name == "BatchNormalization":
+        return [*scale, *center, "moving_mean", "moving_variance"]
+    if class_name in ("LayerNormalization", "GroupNormalization"):
+        return [*scale, *center]
+    return _OTHER_VARIABLES.get(class_name, [])
+
+
+_KERNEL_CLASSES = {
+    "Dense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+}
+_OTHER_VARIABLES = {
+    "Normalization": ["mean", "variance", "count"],
+    "PReLU": ["alpha"],
+    "Embedding": ["embeddings"],
+}
+MAX_LAYER_VARIABLES = 64
+
+
+def _attach_vars(path: Path, f: Any, group: str, layer: Layer, digest: bool, bound: int) -> None:
+    names = _variable_names(layer.class_name, layer.config)
+    opened: dict[str, Any] = {}
+    for i in range(MAX_LAYER_VARIABLES + 1):
+        dataset = _child(path, f, f"{group}/vars/{i}", f"weight '{group}/vars/{i}'", opened)
+        if dataset is None:
+            return
+        if i == MAX_LAYER_VARIABLES:
+            raise ModelFileError(
+                path, f"layer '{layer.qualified_name}' has more than {i} variables"
+            )
+        short = names[i] if i < len(names) else str(i)
+        layer.weights.append(
+            _weight(path, layer, f"/{group}/vars/{i}", short, dataset, digest, bound)
+        )
+
+
 def _attr_list(path: Path, obj: Any, name: str) -> list[Any] | None:
     """A list attribute. Keras splits one over 64 kB into ``name0``, ``name1``, ... (NASNet)."""
     value = _attr(path, obj, name)
@@ -934,15 +1105,12 @@ def load_weight(path: str | Path, weight: Weight) -> np.ndarray:
     """Read one weight's values from the file, as :func:`read_model` found it: the same
     shape, within the same bounds. Raises :class:`ModelFileError` if it no longer reads."""
     path = Path(path)
-    handle = _open(path)
     try:
-        with handle as f:
-            with _reading(path, "reading the file's size"):
-                bound = _weight_bytes_bound(f.id.get_filesize())
+        with _open(path) as (f, _, size):
             dataset = _child(path, f, weight.dataset, f"weight '{weight.dataset}'")
             if dataset is None:
                 raise ModelFileError(path, f"weight '{weight.dataset}' is missing from the file")
-            shape, _ = _dataset_header(path, dataset, weight.dataset, bound)
+            shape, _ = _dataset_header(path, dataset, weight.dataset, _weight_bytes_bound(size))
             if shape != tuple(weight.shape):
                 raise ModelFileError(
                     path,

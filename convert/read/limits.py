@@ -57,6 +57,14 @@ MAX_TENSOR_ELEMENTS = 1 << 31
 WEIGHT_BYTES_PER_FILE_BYTE = 16
 WEIGHT_BYTES_SLACK = 1 * MiB
 
+# A .keras archive (convert/read/archive.py): Keras writes three members, plus assets for layers
+# that keep files (vocabularies); the count is read from the zip's end record before zipfile
+# lists them. metadata.json holds a version and a date. A weights member that a tool compressed
+# is inflated in memory, up to 2 GiB (a stored one, as Keras writes it, is read in place).
+MAX_ARCHIVE_MEMBERS = 4096
+MAX_METADATA_BYTES = 1 * MiB
+MAX_INFLATED_WEIGHTS_BYTES = 2048 * MiB
+
 # A labels file: one label per line. 16 MiB is a million long labels; ImageNet's 21k classes
 # take 0.4 MiB.
 MAX_LABELS_BYTES = 16 * MiB

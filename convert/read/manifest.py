@@ -42,6 +42,11 @@ Format::
     name = "SharedMobileNet"        # stem of the backbone .mlmodel file: [A-Za-z0-9_.-]+
     weights = "int8"                # the backbone's storage ([defaults] weights otherwise)
 
+    [aliases]               # a layer class a file names -> the Keras class it really is
+    CustomDepthwiseConv2D = "DepthwiseConv2D"   # (a subclass saved only to load the file):
+                            # read, fingerprinted, converted and verified as that Keras class;
+                            # no code is imported, only the name is changed
+
 Every problem is a :class:`ManifestError` naming the manifest and the key path
 (``models.cats.labels: ...``), so the user can go straight to the line to fix. This module
 imports no TensorFlow or coremltools: ``plan`` reads the manifest too.
@@ -75,7 +80,7 @@ PALETTES = tuple(f"palette{n}" for n in range(1, 9))
 STORAGES = (FLOAT32, FLOAT16, INT8, *PALETTES)
 WEIGHT_CHOICES = (*STORAGES, AUTO)
 
-TOP_LEVEL_KEYS = ("defaults", "models", "backbones")
+TOP_LEVEL_KEYS = ("defaults", "models", "backbones", "aliases")
 TEXT_KEYS = ("display_name", "description", "author", "license", "version")
 FEATURE_KEYS = ("input_name", "label_name", "probabilities_name")
 STORAGE_KEYS = ("weights", "head_weights")
@@ -89,6 +94,7 @@ DEFAULT_KEYS = tuple(k for k in MODEL_KEYS if k != "labels")
 BACKBONE_KEYS = ("name", "weights")
 
 _FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FILE_STEM = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -189,6 +195,7 @@ class Manifest:
     defaults: ModelSettings = field(default_factory=ModelSettings)
     models: dict[str, ModelSettings] = field(default_factory=dict)
     backbones: dict[str, BackboneSettings] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # class in the file -> Keras class
 
     def for_model(self, name: str) -> ModelSettings:
         """The model's own settings over the defaults, field by field."""
@@ -307,7 +314,8 @@ def _parse(path: Path, data: dict[str, Any]) -> Manifest:
         key: _backbone_settings(check, _join("backbones", key), table)
         for key, table in check.table("backbones", data.get("backbones", {})).items()
     }
-    return Manifest(path, defaults, models, backbones)
+    aliases = _aliases(check, data.get("aliases", {}))
+    return Manifest(path, defaults, models, backbones, aliases)
 
 
 def _model_settings(
@@ -455,6 +463,28 @@ def _backbone_settings(check: _Checker, where: str, value: Any) -> BackboneSetti
             f"{name!r} is not a safe file name (letters, digits, _, . and - only)",
         )
     return BackboneSettings(name=name, weights=weights)
+
+
+# What an alias may not name, on either side: classes that hold or load code, and models.
+_NO_ALIAS = {"Lambda", "TFSMLayer", "TFOpLambda", "Functional", "Sequential", "Model"}
+
+
+def _aliases(check: _Checker, value: Any) -> dict[str, str]:
+    """[aliases]: class name -> Keras class name, both plain identifiers."""
+    aliases: dict[str, str] = {}
+    for name, target in check.table("aliases", value).items():
+        where = _join("aliases", name)
+        target = check.string(where, target)
+        for said in (name, target):
+            if not _CLASS_NAME.fullmatch(said):
+                raise check.fail(where, f"{said!r} is not a class name (letters, digits and _)")
+            if said in _NO_ALIAS:
+                raise check.fail(where, f"{said} cannot be aliased (it holds code or a model)")
+        if target in value and target != name:
+            raise check.fail(where, f"{target} is itself aliased; name the Keras class directly")
+        if target != name:
+            aliases[name] = target
+    return aliases
 
 
 def _storage(check: _Checker, where: str, value: str) -> None:

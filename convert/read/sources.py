@@ -41,8 +41,8 @@ class SourceCache:
         key = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()
         return self.root / f"{key}.graph"  # type: ignore[operator]
 
-    def graph(self, path: Path) -> Any:
-        """The cached graph of ``path``, or None."""
+    def graph(self, path: Path, aliases: dict[str, str] | None = None) -> Any:
+        """The cached graph of ``path`` read with ``aliases``, or None."""
         if self.root is None:
             return None
         entry = self._entry(path)
@@ -68,10 +68,12 @@ class SourceCache:
             return None
         if data["versions"] != _versions() or data["signature"] != self._signature(path):
             return None  # another version of the tool, or an edited file
+        if data.get("aliases", {}) != (aliases or {}):
+            return None  # read with other [aliases]
         self.hashes[str(path)] = data["sha256"]
         return data["graph"]
 
-    def remember(self, path: Path, graph: Any) -> None:
+    def remember(self, path: Path, graph: Any, aliases: dict[str, str] | None = None) -> None:
         sha = self.sha256(path)
         if self.root is None:
             return
@@ -80,6 +82,7 @@ class SourceCache:
             "signature": self._signature(path),
             "sha256": sha,
             "graph": graph,
+            "aliases": aliases or {},
         }
         self.root.mkdir(parents=True, exist_ok=True)
         body = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
