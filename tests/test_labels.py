@@ -22,10 +22,59 @@ def test_teachable_machine_numbers_are_stripped(tmp_path: Path) -> None:
     assert labels == ["Class 1", "Big dog"]
 
 
-def test_numbers_kept_in_a_plain_labels_file(tmp_path: Path) -> None:
+def test_teachable_machine_form_is_recognised_by_content_whatever_the_name(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "m.labels.txt"
-    path.write_text("0 apples\n1 pears\n")
-    assert read_labels(path) == ["0 apples", "1 pears"]
+    path.write_text("0 Again\n1 Bathroom\n2  Big  dog \n")
+    assert read_labels(path) == ["Again", "Bathroom", "Big  dog"]
+    labels, source = resolve_labels(tmp_path / "m.h5", 3)
+    assert labels == ["Again", "Bathroom", "Big  dog"] and source == str(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1 apples\n2 pears\n",  # numbered from 1: not Teachable Machine's form
+        "0 apples\n2 pears\n",  # a gap
+        "0\n1\n2\n",  # digits alone (MNIST): the labels themselves
+        "0 apples\npears\n",  # not every line numbered
+    ],
+)
+def test_other_numbered_lines_are_kept_as_written(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "m.labels.txt"
+    path.write_text(text)
+    assert read_labels(path) == text.split("\n")[:-1]
+
+
+def test_non_ascii_labels_are_kept_exactly(tmp_path: Path) -> None:
+    names = ["Café", "Cafe\u0301", "日本の犬", "🐕 dog", "Ärger"]  # é composed and combined
+    for form, text in (
+        ("plain", "".join(f"{n}\n" for n in names)),
+        ("tm", "".join(f"{i} {n}\n" for i, n in enumerate(names))),
+    ):
+        path = tmp_path / f"{form}.labels.txt"
+        path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())  # BOM, CRLF
+        assert read_labels(path) == names
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("a\n\nb\n", "line 2 is empty"),
+        ("0 a\n1\n2 c\n", "label 1 is empty"),
+        ("0 a\n1 b\n2 a\n", "duplicate labels: a"),
+        ("\n \n", "labels file is empty"),
+    ],
+)
+def test_empty_and_duplicate_labels_are_errors_naming_the_line(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "m.labels.txt"
+    path.write_text(text)
+    with pytest.raises(LabelsError) as caught:
+        read_labels(path)
+    assert caught.value.reason == said and caught.value.path == path
 
 
 def test_default_labels_when_no_file(tmp_path: Path) -> None:
@@ -49,3 +98,30 @@ def test_duplicate_and_empty_labels_are_errors(tmp_path: Path) -> None:
     (tmp_path / "e.labels.txt").write_text("\n\n")
     with pytest.raises(LabelsError, match="empty"):
         resolve_labels(tmp_path / "e.h5", 2)
+
+
+def test_labels_reach_the_model_file_exactly(tmp_path: Path) -> None:
+    """A Teachable Machine-form file under the model's own name, non-ASCII labels: the Core ML
+    classifier lists them byte for byte."""
+    import json
+
+    import factory_keras as fk
+    from coremltools.proto import Model_pb2
+
+    from convert.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    fk.save_tiny_classifier(models / "tiny.h5", n_classes=3)
+    names = ["Café", "日本の犬", "🐕 big dog"]
+    (models / "tiny.labels.txt").write_text("".join(f"{i} {n}\n" for i, n in enumerate(names)))
+    out = tmp_path / "build"
+    assert main(["convert", str(models), "--out", str(out), "-q"]) == 0
+    spec = Model_pb2.Model.FromString((out / "tiny.mlmodel").read_bytes())
+    which = spec.WhichOneof("Type")
+    classifier = getattr(spec, which)
+    if which == "pipelineClassifier":
+        classifier = classifier.pipeline.models[-1].neuralNetworkClassifier
+    assert list(classifier.stringClassLabels.vector) == names
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["classifiers"][0]["labels"] == names

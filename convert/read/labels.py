@@ -8,7 +8,8 @@ from pathlib import Path
 from convert.errors import LabelsError
 from convert.read.limits import MAX_LABELS_BYTES, size_text
 
-_NUMBERED = re.compile(r"^(\d+)\s+(.*\S)\s*$")
+# Teachable Machine's form: "0 Name" per line, numbered 0, 1, 2, ... (the name may hold spaces).
+_NUMBERED = re.compile(r"(\d+)(?:\s+(.*))?")
 
 
 def labels_file_for(model_path: Path) -> Path | None:
@@ -21,7 +22,14 @@ def labels_file_for(model_path: Path) -> Path | None:
 
 
 def read_labels(path: Path) -> list[str]:
-    """One label per non-empty line. Teachable Machine's ``0 Name`` lines lose their numbers."""
+    """One label per line, as UTF-8 text, exactly (only the whitespace around it is dropped).
+
+    A file in Teachable Machine's form, every line ``<i> <name>`` with i = 0, 1, 2, ... in
+    order, is recognised by its content, whatever its name, and its labels lose their numbers
+    (a file of numbers alone, ``0`` to ``9``, is read as those labels).
+    Blank lines may end the file; an empty label anywhere else, or the same label twice, is an
+    error naming the line.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_LABELS_BYTES + 1)  # never more, whatever the file (or device) holds
@@ -34,15 +42,23 @@ def read_labels(path: Path) -> list[str]:
         lines = [line.strip() for line in data.decode("utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(path, f"cannot read labels: {exc}") from None
-    lines = [line for line in lines if line]
+    while lines and not lines[-1]:
+        lines.pop()
     if not lines:
         raise LabelsError(path, "labels file is empty")
-    numbered = [_NUMBERED.match(line) for line in lines]
-    if path.name == "labels.txt" and all(numbered):
-        indices = [int(m.group(1)) for m in numbered if m]
-        if indices != list(range(len(lines))):
-            raise LabelsError(path, f"numbered labels are not 0..{len(lines) - 1} in order")
-        lines = [m.group(2) for m in numbered if m]
+    numbered = [_NUMBERED.fullmatch(line) for line in lines]
+    names = [(m.group(2) or "").strip() for m in numbered if m]
+    in_order = [int(m.group(1)) for m in numbered if m] == list(range(len(lines)))
+    if all(numbered) and in_order and any(names):  # not digits alone: MNIST's 0..9 are labels
+        lines, where = names, "label"
+    elif path.name == "labels.txt" and all(numbered):
+        raise LabelsError(path, f"numbered labels are not 0..{len(lines) - 1} in order")
+    else:
+        where = "line"
+    for i, label in enumerate(lines):
+        if not label:
+            number = i if where == "label" else i + 1
+            raise LabelsError(path, f"{where} {number} is empty")
     if len(set(lines)) != len(lines):
         dupes = sorted({x for x in lines if lines.count(x) > 1})
         raise LabelsError(path, f"duplicate labels: {', '.join(dupes[:5])}")
