@@ -229,7 +229,8 @@ def test_not_an_image_input_is_a_clear_error(tmp_path: Path) -> None:
     )
     plan, _ = make_plan(tmp_path)
     assert [e.line for e in plan.errors] == [
-        f"{path}: input shape (None, 16) is not an image (expected (None, H, W, 1 or 3))"
+        f"{path}: input shape (None, 16) is not an image (expected (None, H, W, 1 or 3), "
+        "or (None, H, W) for grayscale)"
     ]
 
 

@@ -168,6 +168,13 @@ def _network(
     try:
         if feature_shape is None:
             first = image_std(e, pre, Blob(IMAGE, [1, c, h, w], True))
+            if len(graph.tensors[start].shape or ()) == 3:  # (None, H, W): grayscale, no channel
+                e.use(first)
+                first = e.add(
+                    "image/channel_dropped",
+                    [1, h, w],
+                    lambda name, x: builder.add_reshape_static(name, x, name, [1, h, w]),
+                )
         else:
             first = _features(input_shape, layout)
             if first.nchw:

@@ -221,6 +221,8 @@ def keras_probabilities(
     if learned:
         set_dense_weights(model, learned, source)
     x = PREPROCESSING[preprocessing].apply(images)
+    if len(graph.tensors[graph.inputs[0]].shape or ()) == 3:  # (None, H, W): grayscale
+        x = x[..., 0]
     try:
         outs = [
             np.asarray(model(x[i : i + BATCH], training=False)) for i in range(0, len(x), BATCH)

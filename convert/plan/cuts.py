@@ -26,14 +26,18 @@ from convert.read.labels import complete_labels, resolve_labels
 
 
 def image_input_shape(graph: Graph) -> list[int]:
-    """(H, W, C) of the single image input; a clear error otherwise."""
+    """(H, W, C) of the single image input; a clear error otherwise. An input of shape
+    (None, H, W), without a channel axis (MNIST's 28 x 28), is a grayscale image: (H, W, 1)."""
     if len(graph.inputs) != 1:
         raise ModelFileError(graph.source, f"has {len(graph.inputs)} inputs; expected one image")
     shape = graph.tensors[graph.inputs[0]].shape
+    if shape is not None and len(shape) == 3:
+        shape = (*shape, 1)
     if shape is None or len(shape) != 4 or shape[3] not in (1, 3):
         raise ModelFileError(
             graph.source,
-            f"input shape {_fmt_shape(shape)} is not an image (expected (None, H, W, 1 or 3))",
+            f"input shape {_fmt_shape(shape)} is not an image (expected (None, H, W, 1 or 3), "
+            "or (None, H, W) for grayscale)",
         )
     if shape[1] is None or shape[2] is None:
         raise ModelFileError(graph.source, "image input has no fixed height and width")
