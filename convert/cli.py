@@ -386,18 +386,20 @@ def _run(args, out, err) -> int:
         started = time.perf_counter()
         manifest = load_manifest(args.models)
         sources = SourceCache(args.out if writing else None)
-        plan, graphs = make_plan(
-            args.models,
-            per_model,
-            default,
-            args.min_shared,
-            manifest,
-            sources,
-            weights=args.weights,
-            head_weights=args.head_weights,
-            updatable=args.updatable,
-            training=_training_overrides(args),
-        )
+        with _progress(err, not (args.quiet or args.json), "reading the zoo") as shown:
+            plan, graphs = make_plan(
+                args.models,
+                per_model,
+                default,
+                args.min_shared,
+                manifest,
+                sources,
+                weights=args.weights,
+                head_weights=args.head_weights,
+                updatable=args.updatable,
+                training=_training_overrides(args),
+                step=shown.step,
+            )
         for line in sources.warnings:
             _warn(err, line)
         if args.command == "plan":
@@ -435,7 +437,7 @@ def _plan_command(plan, args, out, err, seconds: float) -> int:
 
 def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     from convert.build.run import build
-    from convert.report import groups_table, plan_table, size_table, summary_line, write_reports
+    from convert.report import groups_table, plan_table, size_table, summary_line
 
     if not plan.models:
         _print_errors(plan.errors, err, args.debug)
@@ -449,20 +451,21 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             out.print(groups_table(plan))
     started = time.perf_counter()
     calibration = _calibration(plan, args)
-    with _progress(err, show) as progress:
+    with _progress(err, show, "building") as shown:
         report = build(
             plan,
             graphs,
             args.out,
-            progress,
+            shown.say if show else None,
             manifest,
             args.jobs,
             sources,
             backbone_converter=args.backbone_converter,
             warn=lambda line: _warn(err, line),
             calibration=calibration,
+            step=shown.step,
         )
-    write_reports(report, args.out)
+    _write_reports(report, args.out)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif show:
@@ -475,6 +478,18 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             _verify_command(args.out, args, out, err)
         return EXIT_FAILED
     return _verify_command(args.out, args, out, err) if args.verify else EXIT_OK
+
+
+def _write_reports(report, out: Path) -> None:
+    """report.json/.md/.svg, the page (report.html) and the Xcode kit (README.md and the Swift
+    loaders), all from the one report."""
+    from convert.report import write_reports
+    from convert.report_html import write_page
+    from convert.xcode import write_kit
+
+    write_reports(report, out)
+    write_page(report, out)
+    write_kit(report, out)
 
 
 def _calibration(plan, args):
@@ -501,44 +516,60 @@ def _calibration(plan, args):
 
 
 @contextlib.contextmanager
-def _progress(err, show: bool):
-    """Progress lines for the build; on a terminal, under a live spinner with the elapsed time."""
-    if not show:
-        yield None
+def _progress(err, show: bool, what: str):
+    """What a long stage shows: its lines (``.say``), and on a terminal a live bar with counts
+    (``.step(done, total)``: files read, jobs built, classifiers verified) and the time taken.
+    Neither shows with --quiet or --json; off a terminal only the lines do."""
+    if not (show and err.is_terminal):
+        yield _Shown(err if show else None)
         return
-    if not err.is_terminal:
-        yield lambda msg: _say(err, msg)
-        return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("converting", total=None)
+        yield _Shown(bar.console, bar, bar.add_task(what, total=None))
 
-        def say(msg: str) -> None:
-            _say(bar.console, msg)
-            bar.update(task, description=msg)
 
-        yield say
+class _Shown:
+    """The lines and the bar of one stage (see :func:`_progress`)."""
+
+    def __init__(self, console, bar=None, task=None) -> None:
+        self.console, self.bar, self.task = console, bar, task
+
+    def say(self, msg: str) -> None:
+        if self.console is not None:
+            _say(self.console, msg)
+
+    def step(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
 
 
 def _verify_command(build_dir: Path, args, out, err) -> int:
     from convert.check.verify import BEYOND, ERROR, UNVERIFIED, as_json, verify_build
-    from convert.report import Report, write_reports
+    from convert.report import Report
 
     tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
     show = not (args.quiet or args.json)
-    progress = (lambda msg: _say(out, msg)) if show else None
-    run = verify_build(
-        build_dir,
-        args.images,
-        args.count,
-        tolerances,
-        args.bundle_main,
-        progress,
-        only=getattr(args, "only", None) or None,
-        compute=getattr(args, "compute", "float32"),  # convert --verify: float32
-    )
+    with _progress(err, show, "verifying") as shown:
+        # each result is a line of the output; on a terminal it is printed above the bar
+        lines = shown.say if shown.bar is not None else (lambda msg: _say(out, msg))
+        run = verify_build(
+            build_dir,
+            args.images,
+            args.count,
+            tolerances,
+            args.bundle_main,
+            lines if show else None,
+            only=getattr(args, "only", None) or None,
+            compute=getattr(args, "compute", "float32"),  # convert --verify: float32
+            step=shown.step,
+        )
     report_path = build_dir / "report.json"
     try:
         report = Report.from_json(json.loads(report_path.read_text()))
@@ -552,7 +583,7 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         merged.pop(problem.name, None)
     merged.update({v["name"]: v for v in as_json(run.results)})
     report.verify = [merged[c.name] for c in report.classifiers if c.name in merged]
-    write_reports(report, build_dir)
+    _write_reports(report, build_dir)
     if args.json:
         unverified = [
             {"name": p.name, "file": p.file, "path": p.path, "reason": p.reason}

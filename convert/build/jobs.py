@@ -22,6 +22,7 @@ from convert.read.manifest import AUTO, Manifest, ModelSettings, calibrated
 from convert.read.sources import SourceCache
 
 Progress = Callable[[str], None]
+Step = Callable[[int, int], None]  # (done, total): how far a counted stage has come
 DEFAULT_JOBS = 2
 DIRECT = "direct"  # built layer by layer from the .h5 weights (convert/build/network.py)
 COREMLTOOLS = "coremltools"  # traced through TensorFlow and converted with ct.convert

@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from convert.build.cache import Cache
-from convert.build.jobs import DEFAULT_JOBS, Calibration, Job, JobResult, Progress, plan_jobs
+from convert.build.jobs import (
+    DEFAULT_JOBS,
+    Calibration,
+    Job,
+    JobResult,
+    Progress,
+    Step,
+    plan_jobs,
+)
 from convert.build.workers import Workers, run_jobs
 from convert.plan.types import Plan
 from convert.read.graph import Graph
@@ -32,6 +40,7 @@ def build(
     backbone_converter: str = "auto",
     warn: Progress | None = None,
     calibration: Calibration | None = None,
+    step: Step | None = None,
 ) -> Report:
     """Build what is stale: one job here, several in up to ``jobs`` worker processes.
 
@@ -40,7 +49,8 @@ def build(
     "coremltools" always converts with ct.convert.
 
     ``warn`` gets one line per damaged cache entry that was dropped (and rebuilt). ``calibration``
-    holds the images (and auto's budget) that quantized storages are calibrated on."""
+    holds the images (and auto's budget) that quantized storages are calibrated on. ``step``
+    counts the jobs done out of those to run."""
     say = progress or (lambda _msg: None)
     manifest = manifest or Manifest()
     report = Report(
@@ -72,7 +82,7 @@ def build(
         say(f"{fresh} of {len(work)} jobs up to date")
     workers = Workers(jobs) if len(todo) > 1 and jobs > 1 else None
     try:
-        results = run_jobs(todo, workers, say)
+        results = run_jobs(todo, workers, say, step)
     finally:
         if workers is not None:
             workers.close()

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from convert.build.jobs import Job, JobResult, Progress
+from convert.build.jobs import Job, JobResult, Progress, Step
 from convert.build.work import run_job
 from convert.plan.types import ErrorEntry
 
@@ -50,12 +50,19 @@ def _run_in_worker(job: Job) -> JobResult:
     return run_job(job, _QUEUE.put)
 
 
-def run_jobs(todo: list[Job], workers: Workers | None, say: Progress) -> dict[str, JobResult]:
-    if not todo:
-        return {}
-    if workers is None:
-        return {job.label: run_job(job, say) for job in todo}
+def run_jobs(
+    todo: list[Job], workers: Workers | None, say: Progress, step: Step | None = None
+) -> dict[str, JobResult]:
+    """Every job's result, by label; ``step(done, total)`` is told before each job ends."""
+    tick = step or (lambda _done, _total: None)
     results: dict[str, JobResult] = {}
+    if workers is None:
+        for job in todo:
+            tick(len(results), len(todo))
+            results[job.label] = run_job(job, say)
+        tick(len(results), len(todo))
+        return results
+    tick(0, len(todo))
     futures = {workers.pool.submit(_run_in_worker, job): job for job in todo}
     pending = set(futures)
     while pending:
@@ -73,6 +80,7 @@ def run_jobs(todo: list[Job], workers: Workers | None, say: Progress) -> dict[st
                         if m.name in job.stale
                     ]
                 )
+            tick(len(results), len(todo))
         pending -= done
         if pending:
             time.sleep(0.05)

@@ -314,10 +314,12 @@ def verify_build(
     only: list[str] | None = None,
     compute: str = "float32",
     files: dict[str, Path] | None = None,
+    step=None,
 ) -> Verification:
     """Verify every classifier listed in ``out/report.json``, the reference evaluator computing
     in ``compute`` (float32 or float16). ``files`` puts a pipeline elsewhere in the place of a
-    classifier's own (an updated one: ``coreml-split update --verify``).
+    classifier's own (an updated one: ``coreml-split update --verify``); ``step(done, total)``
+    counts the classifiers.
 
     A report.json that is missing or damaged is a :class:`RunError`; anything that goes wrong
     with one classifier stays with that classifier (an error, or unverified)."""
@@ -333,7 +335,9 @@ def verify_build(
             raise RunError(report_path, f"no classifier named {', '.join(unknown)}")
         entries = [e for e in entries if e["name"] in only]
     run = Verification()
-    for entry in entries:
+    tick = step or (lambda _done, _total: None)
+    for done, entry in enumerate(entries):
+        tick(done, len(entries))
         try:
             pipeline = (files or {}).get(entry["name"], out / entry["file"])
             found = _verify_one(
@@ -355,6 +359,7 @@ def verify_build(
         else:
             run.unverified.append(found)
         say(found.line)
+    tick(len(entries), len(entries))
     return run
 
 

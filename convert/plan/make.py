@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def make_plan(
     head_weights: str | None = None,
     updatable: bool = False,
     training: dict[str, Any] | None = None,
+    step: Callable[[int, int], None] | None = None,
 ) -> tuple[Plan, PackedGraphs]:
     """Plan a whole zoo. Bad files become :class:`ErrorEntry` rows; the rest are still planned.
 
@@ -95,7 +97,9 @@ def make_plan(
     plan = Plan()
     analyses: list[Analysis] = []
     graphs = PackedGraphs()
-    for path in paths:
+    for done, path in enumerate(paths):
+        if step is not None:
+            step(done, len(paths))
         name = names[path]
         settings = manifest.for_model(name)
         choice = (
@@ -128,6 +132,8 @@ def make_plan(
             plan.errors.append(ErrorEntry(str(exc.path or path), exc.reason))
         except Exception as exc:  # not foreseen: this file's one line, the zoo goes on
             plan.errors.append(ErrorEntry.internal(path, exc))
+    if step is not None:
+        step(len(paths), len(paths))
     for unknown in manifest.unused_models(names.values()):
         plan.errors.append(
             ErrorEntry(str(manifest.path), f"models.{unknown}: no model of that name in {root}")
