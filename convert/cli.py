@@ -465,7 +465,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             calibration=calibration,
             step=shown.step,
         )
-    _write_reports(report, args.out)
+    _write_reports(report, args.out, err)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif show:
@@ -480,7 +480,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     return _verify_command(args.out, args, out, err) if args.verify else EXIT_OK
 
 
-def _write_reports(report, out: Path) -> None:
+def _write_reports(report, out: Path, err) -> None:
     """report.json/.md/.svg, the page (report.html) and the Xcode kit (README.md and the Swift
     loaders), all from the one report."""
     from convert.report import write_reports
@@ -489,7 +489,7 @@ def _write_reports(report, out: Path) -> None:
 
     write_reports(report, out)
     write_page(report, out)
-    write_kit(report, out)
+    write_kit(report, out, warn=lambda line: _warn(err, line))
 
 
 def _calibration(plan, args):
@@ -547,7 +547,7 @@ class _Shown:
 
     def step(self, done: int, total: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
+            self.bar.update(self.task, completed=done, total=total, refresh=True)
 
 
 def _verify_command(build_dir: Path, args, out, err) -> int:
@@ -583,7 +583,7 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
         merged.pop(problem.name, None)
     merged.update({v["name"]: v for v in as_json(run.results)})
     report.verify = [merged[c.name] for c in report.classifiers if c.name in merged]
-    _write_reports(report, build_dir)
+    _write_reports(report, build_dir, err)
     if args.json:
         unverified = [
             {"name": p.name, "file": p.file, "path": p.path, "reason": p.reason}

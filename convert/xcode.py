@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,21 +60,38 @@ class Loader:
     linked: str | None  # the compiled backbone its stub links; None: a standalone classifier
 
 
-def write_kit(report: Report, out: Path) -> list[Path]:
+def write_kit(report: Report, out: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write ``out/README.md`` and ``out/CoreMLSplitModels.swift`` for the build ``report``
-    describes; return their paths. A file whose bytes would not change is left alone, so an
-    Xcode project that references it in place has nothing to rebuild."""
+    describes; return the paths written or already current. A file whose bytes would not change
+    is left alone, so an Xcode project that references it in place has nothing to rebuild, and a
+    file of that name that coreml-split did not write is never overwritten (``warn`` says so)."""
     loaders = make_loaders(report)
     files = {
         out / README: readme(report, loaders, _folder_entries(out)),
         out / SWIFT_FILE: swift_source(loaders),
     }
+    kept = []
     for path, text in files.items():
         # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
         data = text.encode("utf-8", "surrogateescape")
+        if path.is_file() and not _written_by_us(path, data):
+            if warn is not None:
+                warn(f"{path}: not written by coreml-split; left as it is (no Xcode kit file)")
+            continue
         if not (path.is_file() and path.read_bytes() == data):
             write_atomic(path, data)
-    return list(files)
+        kept.append(path)
+    return kept
+
+
+def _written_by_us(path: Path, data: bytes) -> bool:
+    """Whether ``path`` starts as the kit file ``data`` does (its first line names the tool)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return False
+    return first == data.split(b"\n", 1)[0] + b"\n"
 
 
 def make_loaders(report: Report) -> list[Loader]:
@@ -334,6 +352,7 @@ def _overview(report: Report) -> str:
     pipelines = sum(1 for c in report.classifiers if c.group)
     standalone = len(report.classifiers) - pipelines
     return (
+        "<!-- written by coreml-split for this build; `coreml-split convert` rewrites it -->\n"
         "# Using these models in Xcode\n\n"
         f"coreml-split {__version__} wrote this build: "
         f"{_count(len(report.classifiers), 'classifier')}, {pipelines} of them pipelines on "

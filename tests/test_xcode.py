@@ -357,3 +357,18 @@ def test_an_unsafe_literal_is_reported(literal: str) -> None:
     ]
     with pytest.raises(AssertionError):
         string_value(node)
+
+
+def test_a_readme_coreml_split_did_not_write_is_never_overwritten(tmp_path: Path) -> None:
+    """``--out`` may be a folder with the user's own README.md: it stays, and a warning says
+    why the kit has no README there; the Swift file is still written."""
+    own = tmp_path / README
+    own.write_text("# My app\n\nNotes I keep here.\n")
+    said: list[str] = []
+    paths = write_kit(awkward_report(), tmp_path, warn=said.append)
+    assert own.read_text() == "# My app\n\nNotes I keep here.\n"
+    assert paths == [tmp_path / SWIFT_FILE] and (tmp_path / SWIFT_FILE).is_file()
+    assert said == [f"{own}: not written by coreml-split; left as it is (no Xcode kit file)"]
+    own.unlink()
+    assert write_kit(awkward_report(), tmp_path, warn=said.append) == [own, tmp_path / SWIFT_FILE]
+    assert own.read_bytes().startswith(b"<!-- written by coreml-split") and len(said) == 1

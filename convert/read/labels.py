@@ -27,8 +27,8 @@ def read_labels(path: Path) -> list[str]:
     A file in Teachable Machine's form, every line ``<i> <name>`` with i = 0, 1, 2, ... in
     order, is recognised by its content, whatever its name, and its labels lose their numbers
     (a file of numbers alone, ``0`` to ``9``, is read as those labels).
-    Blank lines may end the file; an empty label anywhere else, or the same label twice, is an
-    error naming the line.
+    Blank lines are skipped; a numbered line without a name, or the same label twice, is an
+    error.
     """
     try:
         with open(path, "rb") as f:
@@ -42,23 +42,19 @@ def read_labels(path: Path) -> list[str]:
         lines = [line.strip() for line in data.decode("utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise LabelsError(path, f"cannot read labels: {exc}") from None
-    while lines and not lines[-1]:
-        lines.pop()
+    lines = [line for line in lines if line]
     if not lines:
         raise LabelsError(path, "labels file is empty")
     numbered = [_NUMBERED.fullmatch(line) for line in lines]
     names = [(m.group(2) or "").strip() for m in numbered if m]
     in_order = [int(m.group(1)) for m in numbered if m] == list(range(len(lines)))
     if all(numbered) and in_order and any(names):  # not digits alone: MNIST's 0..9 are labels
-        lines, where = names, "label"
-    elif path.name == "labels.txt" and all(numbered):
+        lines = names
+    elif path.name == "labels.txt" and all(numbered) and not in_order:
         raise LabelsError(path, f"numbered labels are not 0..{len(lines) - 1} in order")
-    else:
-        where = "line"
-    for i, label in enumerate(lines):
-        if not label:
-            number = i if where == "label" else i + 1
-            raise LabelsError(path, f"{where} {number} is empty")
+    empty = [i for i, label in enumerate(lines) if not label]
+    if empty:  # "1" alone among "0 Name" lines: a class without a name
+        raise LabelsError(path, f"label {empty[0]} is empty")
     if len(set(lines)) != len(lines):
         dupes = sorted({x for x in lines if lines.count(x) > 1})
         raise LabelsError(path, f"duplicate labels: {', '.join(dupes[:5])}")
