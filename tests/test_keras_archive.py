@@ -190,3 +190,28 @@ def test_a_bad_archive_in_a_zoo_is_its_own_error_line(
         f"error: {models / 'broken.keras'}: not a readable .keras archive: no zip "
         "directory at its end (truncated?)"
     ]
+
+
+def test_an_archive_without_recorded_layer_names_reads_by_keras_keys(
+    saved: Path, tmp_path: Path
+) -> None:
+    """Keras 3 releases before the ``vars`` groups recorded their layer's name: the weights are
+    found by the keys Keras gives them (snake_case class names, numbered in the model's order)."""
+    import h5py
+
+    src = saved / "twin.keras"
+    with zipfile.ZipFile(src) as z:
+        (tmp_path / "w.h5").write_bytes(z.read("model.weights.h5"))
+    with h5py.File(tmp_path / "w.h5", "a") as f:
+        named = []
+        f.visititems(lambda key, obj: named.append(key) if "name" in obj.attrs else None)
+        for key in named:
+            del f[key].attrs["name"]
+    assert len(named) > 100
+    unnamed = _rezip(
+        src,
+        tmp_path / "unnamed.keras",
+        drop={"model.weights.h5"},
+        extra={"model.weights.h5": (tmp_path / "w.h5").read_bytes()},
+    )
+    assert _layers(unnamed) == _layers(saved / "twin.h5")

@@ -873,8 +873,8 @@ def _attach_archive_weights(
         listed: dict[str, str] | None = None  # layer name -> key, read only if a key misses
         for entry in spec.get("config", {}).get("layers", []):
             class_name = entry.get("class_name")
-            if class_name == "InputLayer":
-                continue
+            if class_name == "InputLayer" or _is_operation(entry):
+                continue  # not among the model's layers: no weights, no key
             name = _entry_name(entry)
             key = _unique_key(_snake_case(str(class_name)), used)
             if _vars_name(path, f, f"{group}/{key}") not in (None, name):
@@ -887,6 +887,12 @@ def _attach_archive_weights(
                 _attach_vars(path, f, here, layer, digest, bound)
 
     visit(config, "layers", ())
+
+
+def _is_operation(entry: dict[str, Any]) -> bool:
+    """A keras.ops call in a Keras 3 config (``x + 3.0``): a node, not a layer of the model."""
+    module = entry.get("module")
+    return isinstance(module, str) and module.startswith("keras.src.ops")
 
 
 def _snake_case(name: str) -> str:
