@@ -516,11 +516,13 @@ def _calibration(plan, args):
 
 
 @contextlib.contextmanager
-def _progress(err, show: bool, what: str):
+def _progress(err, show: bool, what: str, out=None):
     """What a long stage shows: its lines (``.say``), and on a terminal a live bar with counts
     (``.step(done, total)``: files read, jobs built, classifiers verified) and the time taken.
-    Neither shows with --quiet or --json; off a terminal only the lines do."""
-    if not (show and err.is_terminal):
+    Neither shows with --quiet or --json; off a terminal only the lines do. A stage whose lines
+    are output (verify's results, on ``out``) shows the bar only when that is a terminal too,
+    so that ``verify build > results.txt`` gets every result."""
+    if not (show and err.is_terminal and (out is None or out.is_terminal)):
         yield _Shown(err if show else None)
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -556,7 +558,7 @@ def _verify_command(build_dir: Path, args, out, err) -> int:
 
     tolerances = {s: getattr(args, f"atol_{s.replace('-', '')}") for s in TOLERANCES}
     show = not (args.quiet or args.json)
-    with _progress(err, show, "verifying") as shown:
+    with _progress(err, show, "verifying", out) as shown:
         # each result is a line of the output; on a terminal it is printed above the bar
         lines = shown.say if shown.bar is not None else (lambda msg: _say(out, msg))
         run = verify_build(

@@ -75,6 +75,20 @@ LOCK_FILE = "lock"
 _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # what write_atomic's mkstemp names
 
 
+def text_bytes(text: str) -> bytes:
+    """``text`` as UTF-8 for a report file. A file name's bytes that are not UTF-8 (Python holds
+    them as surrogates, ``surrogateescape``) come back as they were; any other lone surrogate
+    (a ``"\\ud800"`` in a model's JSON config) becomes U+FFFD instead of failing the run."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        kept = "".join(
+            "\ufffd" if "\ud800" <= c <= "\udfff" and not "\udc80" <= c <= "\udcff" else c
+            for c in text
+        )
+        return kept.encode("utf-8", "surrogateescape")
+
+
 def prepare_output(folder: Path) -> None:
     """Make sure ``folder`` is (or can become) a folder this run may write; else RunError.
 

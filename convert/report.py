@@ -430,13 +430,13 @@ def svg(report: Report) -> str:
 
 
 def write_reports(report: Report, out: Path) -> None:
-    from convert.files import write_atomic
+    from convert.files import text_bytes, write_atomic
 
     write_atomic(out / "report.json", (json.dumps(report.to_json(), indent=2) + "\n").encode())
     # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
-    write_atomic(out / "report.svg", svg(report).encode("utf-8", "surrogateescape"))
+    write_atomic(out / "report.svg", text_bytes(svg(report)))
     for b in report.backbones:
         if b.choice:
-            picture = trials_svg(b).encode("utf-8", "surrogateescape")
+            picture = text_bytes(trials_svg(b))
             write_atomic(out / _trials_picture(b), picture)
-    write_atomic(out / "report.md", markdown(report).encode("utf-8", "surrogateescape"))
+    write_atomic(out / "report.md", text_bytes(markdown(report)))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from convert import __version__
-from convert.files import write_atomic
+from convert.files import text_bytes, write_atomic
 from convert.report import (
     BUILDER_NOTES,
     BackboneReport,
@@ -51,7 +51,7 @@ def write_page(report: Report, out: Path) -> Path:
     if _holds(path, digest):
         return path
     # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
-    write_atomic(path, page(report, digest).encode("utf-8", "surrogateescape"))
+    write_atomic(path, text_bytes(page(report, digest)))
     return path
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convert import __version__
-from convert.files import CACHE_DIR, write_atomic
+from convert.files import CACHE_DIR, text_bytes, write_atomic
 from convert.report import ClassifierReport, Report, kb_or_mb, mb
 
 README = "README.md"
@@ -73,7 +73,7 @@ def write_kit(report: Report, out: Path, warn: Callable[[str], None] | None = No
     kept = []
     for path, text in files.items():
         # a file name that is not UTF-8 stands in Python's str for its bytes (surrogates): back
-        data = text.encode("utf-8", "surrogateescape")
+        data = text_bytes(text)
         if path.is_file() and not _written_by_us(path, data):
             if warn is not None:
                 warn(f"{path}: not written by coreml-split; left as it is (no Xcode kit file)")
@@ -512,7 +512,7 @@ def _training(loaders: list[Loader]) -> str:
 def _not_converted(report: Report) -> str:
     if not report.errors:
         return ""
-    lines = [f"- {_code(e.file)}: {plain(e.reason)}" for e in report.errors]
+    lines = [f"- {_code(e.file)}: {_code(e.reason)}" for e in report.errors]
     return "## Not converted\n\nThese files are not in the build:\n\n" + "\n".join(lines)
 
 

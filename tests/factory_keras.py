@@ -234,16 +234,22 @@ def resave_with_custom_depthwise(src: str | Path, dst: str | Path) -> Path:
     a ``CustomDepthwiseConv2D`` (a DepthwiseConv2D that drops ``groups``) in the place of
     DepthwiseConv2D, and save it to ``dst`` (.h5 or .keras). The weights stay bit-identical;
     the file now names a class Keras does not have."""
+    return resave_as_subclass(src, dst, "DepthwiseConv2D", "CustomDepthwiseConv2D")
+
+
+def resave_as_subclass(src: str | Path, dst: str | Path, keras_class: str, name: str) -> Path:
+    """``src`` loaded with a subclass ``name`` of Keras' ``keras_class`` in its place (one that
+    drops a ``groups`` argument, as the Teachable Machine patch does), saved to ``dst``."""
     import keras as K
 
-    class CustomDepthwiseConv2D(K.layers.DepthwiseConv2D):
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.pop("groups", None)
-            super().__init__(**kwargs)
+    base = getattr(K.layers, keras_class)
 
-    model = K.models.load_model(
-        src, compile=False, custom_objects={"DepthwiseConv2D": CustomDepthwiseConv2D}
-    )
+    def __init__(self: Any, **kwargs: Any) -> None:
+        kwargs.pop("groups", None)
+        base.__init__(self, **kwargs)
+
+    subclass = type(name, (base,), {"__init__": __init__})
+    model = K.models.load_model(src, compile=False, custom_objects={keras_class: subclass})
     dst = Path(dst)
     if dst.suffix == ".keras":
         model.save(dst)

@@ -154,3 +154,22 @@ def test_a_bad_alias_is_a_manifest_error(tmp_path: Path, table: str, said: str) 
     with pytest.raises(ManifestError) as caught:
         load_manifest(tmp_path)
     assert said in caught.value.reason and caught.value.reason.startswith("aliases.")
+
+
+def test_changing_an_alias_rebuilds_what_it_reads(tmp_path: Path) -> None:
+    """A standalone model whose pooling is saved as a subclass: the alias picks which Keras
+    pooling it is, and changing it rebuilds the file (the cache does not call it current)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    tiny = fk.save_tiny_classifier(tmp_path / "tiny.h5")
+    fk.resave_as_subclass(tiny, models / "pooled.h5", "GlobalAveragePooling2D", "MyPool")
+    shutil.copy(tmp_path / "tiny.labels.txt", models / "pooled.labels.txt")
+    out = tmp_path / "build"
+    written = {}
+    for target in ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "GlobalAveragePooling2D"):
+        (models / "zoo.toml").write_text(f'[aliases]\nMyPool = "{target}"\n')
+        argv = ["convert", str(models), "--out", str(out), "--verify", "--count", "4", "-q"]
+        assert main(argv) == 0, target
+        written.setdefault(target, (out / "pooled.mlmodel").read_bytes())
+        assert (out / "pooled.mlmodel").read_bytes() == written[target]
+    assert written["GlobalAveragePooling2D"] != written["GlobalMaxPooling2D"]

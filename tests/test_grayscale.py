@@ -82,3 +82,13 @@ def test_other_shapes_are_still_refused(tmp_path: Path) -> None:
         image_input_shape(read_model(path))
     assert "(None, 28, 28, 2) is not an image" in caught.value.reason
     assert "(None, H, W) for grayscale" in caught.value.reason
+
+
+def test_the_coremltools_road_takes_them_too(digits: Path, tmp_path: Path) -> None:
+    """ct.convert traces the model on the (1, H, W, 1) image, reshaped to what it declares."""
+    out = tmp_path / "build"
+    argv = ["convert", str(digits), "--out", str(out), "--backbone-converter", "coremltools"]
+    assert main([*argv, "--verify", "--count", "4", "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {b["builder"] for b in report["backbones"]} == {"coremltools"}
+    assert all(v["passed"] for v in report["verify"]) and len(report["verify"]) == 3

@@ -215,3 +215,62 @@ def test_an_archive_without_recorded_layer_names_reads_by_keras_keys(
         extra={"model.weights.h5": (tmp_path / "w.h5").read_bytes()},
     )
     assert _layers(unnamed) == _layers(saved / "twin.h5")
+
+
+def test_a_directory_that_lies_about_its_count_is_still_bounded(
+    saved: Path, tmp_path: Path
+) -> None:
+    """zipfile walks the whole directory whatever count the end record gives: the directory's
+    size is bounded too, so a planted count of 3 does not let 5000 entries through."""
+    many = {f"assets/{i}": b"" for i in range(5000)}
+    crowded = _rezip(saved / "twin.keras", tmp_path / "lying.keras", extra=many)
+    data = bytearray(crowded.read_bytes())
+    at = data.rfind(b"PK\x05\x06")
+    data[at + 8 : at + 12] = (3).to_bytes(2, "little") * 2  # entries here, entries in all
+    crowded.write_bytes(bytes(data))
+    assert "coreml-split reads archives of at most" in _reason(crowded)
+
+
+def test_a_damaged_directory_is_one_line_not_an_internal_error(saved: Path, tmp_path: Path) -> None:
+    data = bytearray((saved / "twin.keras").read_bytes())
+    at = data.rfind(b"PK\x01\x02")  # the last directory entry's signature
+    data[at : at + 4] = b"XXXX"
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(bytes(data))
+    assert _reason(damaged).startswith("not a readable .keras archive: ")
+
+
+def test_a_compressed_weights_member_is_inflated_once(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    squeezed = _rezip(saved / "twin.keras", tmp_path / "squeezed.keras", deflate=True)
+    graph = read_model(squeezed)
+    inflated = []
+    real = archive_module.Archive._read
+
+    def counted(self, info, limit):
+        inflated.append(info.filename)
+        return real(self, info, limit)
+
+    monkeypatch.setattr(archive_module.Archive, "_read", counted)
+    weights = [w for n in graph.nodes for w in n.layer.weights][:20]
+    values = [load_weight(squeezed, w) for w in weights]
+    assert [v.shape for v in values] == [w.shape for w in weights]
+    assert inflated.count("model.weights.h5") <= 1
+
+
+def test_a_file_named_for_the_other_format_converts_and_verifies(
+    saved: Path, tmp_path: Path
+) -> None:
+    """Keras tells the formats by the file's name, coreml-split by its content: an archive
+    named .h5 and an .h5 named .keras both read, convert and verify."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(saved / "twin.keras", models / "archive_named.h5")
+    shutil.copy(saved / "twin.h5", models / "hdf5_named.keras")
+    for stem in ("archive_named", "hdf5_named"):
+        shutil.copy(saved / "twin.labels.txt", models / f"{stem}.labels.txt")
+    out = tmp_path / "build"
+    assert main(["convert", str(models), "--out", str(out), "--verify", "--count", "2", "-q"]) == 0
+    verified = json.loads((out / "report.json").read_text())["verify"]
+    assert sorted(v["name"] for v in verified if v["passed"]) == ["archive_named", "hdf5_named"]

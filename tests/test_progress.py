@@ -61,3 +61,27 @@ def test_off_a_terminal_lines_only_and_quiet_json_stay_clean(
     assert main(["plan", str(tiny), "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["models"] and captured.err == ""
+
+
+def test_verify_results_stay_on_stdout_when_it_is_not_a_terminal(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``verify build > results.txt`` from a terminal: stderr is one, stdout is not."""
+    import rich.console
+
+    out = tmp_path / "build"
+    assert main(["convert", str(tiny), "--out", str(out), "-q"]) == 0
+    real = rich.console.Console
+    monkeypatch.setattr(
+        rich.console,
+        "Console",
+        lambda *a, **k: real(*a, **(k | {"force_terminal": bool(k.get("stderr"))})),
+    )
+    assert main(["verify", str(out), "--count", "2"]) == 0
+    captured = capsys.readouterr()
+    assert [line.split(":")[0] for line in captured.out.splitlines()[:3]] == [
+        "[ok] tiny0",
+        "[ok] tiny1",
+        "[ok] tiny2",
+    ]
+    assert "verifying" not in ANSI.sub("", captured.err)

@@ -393,3 +393,24 @@ def screenshot(build: Path, png: Path) -> None:
 
 if __name__ == "__main__":
     screenshot(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_a_lone_surrogate_from_a_config_becomes_a_replacement_character(tmp_path: Path) -> None:
+    """A JSON config may spell a layer name "\\ud800...": no report file fails on it, and a
+    file name's own bytes still come back as they were."""
+    from convert.report import write_reports
+    from convert.xcode import write_kit
+
+    report = Report(
+        backbones=[backbone("MobileNetV2-0a1b2c3d", ["caf\udce9", "\ud800evil"])],
+        classifiers=[classifier("caf\udce9", "MobileNetV2-0a1b2c3d")]
+        + [classifier("\ud800evil", "MobileNetV2-0a1b2c3d")],
+        errors=[ErrorEntry("models/odd.keras", "layer '\ud800lambda' is a Lambda layer")],
+    )
+    write_reports(report, tmp_path)
+    write_page(report, tmp_path)
+    write_kit(report, tmp_path)
+    for name in ("report.md", "report.html", "README.md"):  # report.svg names no model
+        data = (tmp_path / name).read_bytes()
+        assert b"caf\xe9" in data and "\ufffdevil".encode() in data, name
+    assert "\ufffdlambda".encode() in (tmp_path / "report.md").read_bytes()

@@ -150,12 +150,21 @@ def _with_std(fn: Any, std: tuple[float, float, float] | None) -> Any:
     return lambda x: fn(x / divisor)
 
 
+def _image_in(graph: Any, fn: Any) -> Any:
+    """``fn`` fed the (1, H, W, C) image: a model declared (None, H, W) gets it without the
+    channel axis (it is grayscale, one channel)."""
+    if len(graph.tensors[graph.inputs[0]].shape or ()) != 3:
+        return fn
+    tf = tensorflow()
+    return lambda x: fn(tf.reshape(x, x.shape[:-1]))
+
+
 def convert_backbone(graph: Any, objects: Any, model: ModelPlan, group: GroupPlan) -> Any:
     """Input image -> split tensor, as a NeuralNetwork spec with output ``features``."""
     from convert.check.keras_model import concrete_function, subgraph_function
 
     pre = PREPROCESSING[group.preprocessing]
-    fn = subgraph_function(graph, objects, graph.inputs[0], model.split_tensor)
+    fn = _image_in(graph, subgraph_function(graph, objects, graph.inputs[0], model.split_tensor))
     cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE, graph.source)
     spec = _ct_convert(graph.source, "backbone", cf, [image_type(pre, model.input_shape)])
     rename_output(spec, FEATURES)
@@ -194,7 +203,7 @@ def convert_standalone(graph: Any, objects: Any, model: ModelPlan) -> Any:
     ct = coremltools()
 
     pre = PREPROCESSING[model.preprocessing]
-    fn = subgraph_function(graph, objects, graph.inputs[0], graph.outputs[0])
+    fn = _image_in(graph, subgraph_function(graph, objects, graph.inputs[0], graph.outputs[0]))
     cf = concrete_function(_with_std(fn, pre.std), [1, *model.input_shape], IMAGE, graph.source)
     spec = _ct_convert(
         graph.source,

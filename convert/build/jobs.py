@@ -122,7 +122,9 @@ def plan_jobs(
                 "pipeline",
                 versions,
                 backbone_recipe,
-                _model_key(m, sha[m.name], settings[m.name]) | _calibrated(m, calibration),
+                _model_key(m, sha[m.name], settings[m.name])
+                | _calibrated(m, calibration)
+                | _aliased(graphs[m.name]),
             )
         stale = [m.name for m in members if not cache.fresh(*_output(m, recipes))]
         write_backbone = cache.fresh(backbone_file, backbone_recipe) is None
@@ -153,7 +155,7 @@ def plan_jobs(
             file = f"{m.name}.mlmodel"
             builder = _standalone_builder(m, graphs[m.name], backbone_converter)
             key = _model_key(m, sha[m.name], settings) | {"builder": builder}
-            key |= _calibrated(m, calibration)
+            key |= _calibrated(m, calibration) | _aliased(graphs[m.name])
             wanted = recipe("standalone", versions, key)
             jobs.append(
                 Job(
@@ -241,6 +243,12 @@ def _calibrated(model: ModelPlan, calibration: Calibration | None) -> dict[str, 
     if not calibrated(model.weights) or calibration is None:
         return {}
     return {"calibration": calibration.key()}
+
+
+def _aliased(graph: Graph) -> dict[str, Any]:
+    """The [aliases] a file was read with change what its head computes (a backbone's
+    fingerprint already names the classes it holds)."""
+    return {"aliases": graph.aliases} if graph.aliases else {}
 
 
 def _model_key(model: ModelPlan, sha256: str, settings: ModelSettings) -> dict[str, Any]:

@@ -42,10 +42,13 @@ def load_keras_model(graph: Graph) -> Any:
         raise ConversionError(path, reason) from None
     aliased = _apply_aliases(config, graph.aliases)
     refuse_foreign_code(path, config, names)
+    archive = is_archive(Path(path))
+    # Keras tells a .keras archive by its name, coreml-split by its content
+    misnamed = archive != (Path(path).suffix.lower() == ".keras")
     try:
-        if aliased:
-            return _finalized(_from_config(graph, config, k))
         if graph.keras_major < 3:
+            if aliased or misnamed:
+                return _finalized(_from_config(graph, config, k))
             from tf_keras.src.saving.serialization_lib import SafeModeScope
 
             # tf_keras' HDF5 loader takes no safe_mode; its Lambda layer checks the scope
@@ -54,10 +57,10 @@ def load_keras_model(graph: Graph) -> Any:
                 return _finalized(k.models.load_model(path, compile=False))
         repaired = _repair_ops_nodes(config)
         repaired |= _repair_single_tensor_io(config, graph.keras_version)
-        if not repaired:
+        if not (repaired or aliased or misnamed):
             with k.utils.custom_object_scope(_application_layers(3)):
                 return _finalized(k.models.load_model(path, compile=False, safe_mode=True))
-        if is_archive(Path(path)):
+        if archive:
             return _finalized(_from_config(graph, config, k))
         return _finalized(_load_repaired(path, config))
     except Exception as exc:  # Keras raises many kinds; the user needs the reason, in one line

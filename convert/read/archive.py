@@ -36,6 +36,10 @@ WEIGHTS = "model.weights.h5"
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zip's local file header, 30 bytes
 _END_RECORD = b"PK\x05\x06"  # the end of central directory record, 22 bytes plus a comment
 _CHUNK = 1 << 20
+_ENTRY_BYTES = 1024  # a directory entry: 46 bytes, the member's name and its extra fields
+# What zipfile raises for a damaged or odd archive (an unknown compression method included).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError)
+_INFLATED: dict[str, Any] = {}  # the last compressed weights member inflated: key, data
 
 
 def is_archive(path: Path) -> bool:
@@ -61,8 +65,11 @@ class Archive:
             raise ModelFileError(path, f"cannot be opened: {exc.strerror or exc}") from None
         try:
             self.size = os.fstat(self.file.fileno()).st_size
-            self._check_member_count()
-            self.zip = zipfile.ZipFile(self.file)
+            self._check_directory()
+            try:
+                self.zip = zipfile.ZipFile(self.file)
+            except _ZIP_ERRORS as exc:
+                raise self._fail(str(exc) or type(exc).__name__) from None
             self.members = self._members()
         except BaseException:
             self.file.close()
@@ -82,27 +89,30 @@ class Archive:
     def _fail(self, reason: str) -> ModelFileError:
         return ModelFileError(self.path, f"not a readable .keras archive: {reason}")
 
-    def _check_member_count(self) -> None:
-        """Refuse an archive that lists more members than a Keras file could, before zipfile
-        builds an object for each."""
+    def _check_directory(self) -> None:
+        """Refuse an archive whose directory lists more members, or takes more bytes, than a
+        Keras file's could, before zipfile builds an object for each entry (it walks the whole
+        directory, whatever count the end record gives)."""
         tail = min(self.size, 22 + 0xFFFF)
         self.file.seek(self.size - tail)
         data = self.file.read(tail)
         at = data.rfind(_END_RECORD)
         if at < 0 or len(data) - at < 22:
             raise self._fail("no zip directory at its end (truncated?)")
-        (count,) = struct.unpack_from("<H", data, at + 10)
-        if count > MAX_ARCHIVE_MEMBERS:
+        count, size = struct.unpack_from("<HL", data, at + 10)
+        if count > MAX_ARCHIVE_MEMBERS or size > MAX_ARCHIVE_MEMBERS * _ENTRY_BYTES:
             raise self._fail(
-                f"it lists {count} members; a Keras archive holds a few, coreml-split reads "
-                f"archives of at most {MAX_ARCHIVE_MEMBERS}"
+                f"its directory lists {count} members in {size} bytes; a Keras archive holds "
+                f"a few, coreml-split reads archives of at most {MAX_ARCHIVE_MEMBERS}"
             )
 
     def _members(self) -> dict[str, zipfile.ZipInfo]:
-        try:
-            infos = self.zip.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise self._fail(str(exc)) from None
+        infos = self.zip.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:  # the end record's count was not the truth
+            raise self._fail(
+                f"it lists {len(infos)} members; coreml-split reads archives of at most "
+                f"{MAX_ARCHIVE_MEMBERS}"
+            )
         wanted = {CONFIG, METADATA, WEIGHTS}
         found: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
@@ -138,7 +148,7 @@ class Archive:
         try:
             with self.zip.open(info) as member:
                 data = member.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as exc:
+        except _ZIP_ERRORS as exc:
             raise self._fail(f"{info.filename} cannot be read ({exc})") from None
         if len(data) > limit:
             raise self._fail(
@@ -172,12 +182,22 @@ class Archive:
         if info is None:
             raise self._fail(f"it has no {WEIGHTS} (saved without weights?)")
         if info.compress_type != zipfile.ZIP_STORED:
-            data = self._read(info, MAX_INFLATED_WEIGHTS_BYTES)
+            data = self._inflated(info)
             return io.BytesIO(data), len(data)
         start = self._data_offset(info)
         if info.compress_size != info.file_size or start + info.file_size > self.size:
             raise self._fail(f"{WEIGHTS} runs past the end of the archive (truncated?)")
         return _Window(self.file, start, info.file_size), info.file_size
+
+    def _inflated(self, info: zipfile.ZipInfo) -> bytes:
+        """A compressed weights member's bytes, inflated once per process for the archive as
+        it is on disk (every weight is read through its own opening of the archive)."""
+        stat = os.fstat(self.file.fileno())
+        key = (str(self.path), stat.st_size, stat.st_mtime_ns, stat.st_ino, info.CRC)
+        if _INFLATED.get("key") != key:
+            _INFLATED.clear()
+            _INFLATED.update(key=key, data=self._read(info, MAX_INFLATED_WEIGHTS_BYTES))
+        return _INFLATED["data"]
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes begin: after its local header, which must name it."""
@@ -227,8 +247,12 @@ class _Window(io.RawIOBase):
         return self._at
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
-        self._at = max(0, base + offset)
+        bases = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}
+        if whence not in bases:
+            raise ValueError(f"invalid whence ({whence})")
+        if bases[whence] + offset < 0:
+            raise ValueError(f"negative seek position {bases[whence] + offset}")
+        self._at = bases[whence] + offset
         return self._at
 
     def readinto(self, buffer: Any) -> int:

@@ -9,7 +9,7 @@ from convert.errors import LabelsError
 from convert.read.limits import MAX_LABELS_BYTES, size_text
 
 # Teachable Machine's form: "0 Name" per line, numbered 0, 1, 2, ... (the name may hold spaces).
-_NUMBERED = re.compile(r"(\d+)(?:\s+(.*))?")
+_NUMBERED = re.compile(r"(\d{1,9})(?:\s+(.*))?")
 
 
 def labels_file_for(model_path: Path) -> Path | None:
