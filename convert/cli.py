@@ -465,13 +465,16 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             calibration=calibration,
             step=shown.step,
         )
-    _write_reports(report, args.out, err)
+    kit = _write_reports(report, args.out, err)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     elif show:
         out.print(size_table(report))
         _say(out, summary_line(report))
-        _say(out, f"done in {time.perf_counter() - started:.1f}s; report: {args.out / 'report.md'}")
+        seconds = time.perf_counter() - started
+        _say(out, f"done in {seconds:.1f}s; report: {args.out / 'report.html'}")
+        for path in (p for p in kit if p.name == "README.md"):  # unless the folder had its own
+            _say(out, f"Xcode: {path} says what to drag where")
     _print_errors(report.errors, err, args.debug)
     if report.errors:
         if args.verify:
@@ -480,16 +483,16 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
     return _verify_command(args.out, args, out, err) if args.verify else EXIT_OK
 
 
-def _write_reports(report, out: Path, err) -> None:
+def _write_reports(report, out: Path, err) -> list[Path]:
     """report.json/.md/.svg, the page (report.html) and the Xcode kit (README.md and the Swift
-    loaders), all from the one report."""
+    loaders), all from the one report; returns the kit's files."""
     from convert.report import write_reports
     from convert.report_html import write_page
     from convert.xcode import write_kit
 
     write_reports(report, out)
     write_page(report, out)
-    write_kit(report, out, warn=lambda line: _warn(err, line))
+    return write_kit(report, out, warn=lambda line: _warn(err, line))
 
 
 def _calibration(plan, args):
