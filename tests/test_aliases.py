@@ -57,13 +57,21 @@ def test_without_the_alias_the_error_line_suggests_it(
 ) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    for name in ("stock.h5", "stock.labels.txt", "patched.h5", "patched.labels.txt"):
+    for name in ("stock.h5", "stock.labels.txt", "patched.h5", "patched.keras"):
         shutil.copy(patched / name, models / name)
+    shutil.copy(patched / "stock.labels.txt", models / "patched.labels.txt")  # for both
     out = tmp_path / "build"
     assert main(["convert", str(models), "--out", str(out), "-q"]) == 1
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: {models / 'patched.h5'}: ")
-    assert 'zoo.toml: [aliases] CustomDepthwiseConv2D = "DepthwiseConv2D"' in line
+    lines = capsys.readouterr().err.strip().splitlines()
+    # the .h5 names no module: Keras says it does not know the class; the .keras names the
+    # module the patch was defined in, which is never imported; both lines say what to do
+    assert [": ".join(line.split(": ")[:2]) for line in lines] == [
+        f"error: {models / 'patched.h5'}",
+        f"error: {models / 'patched.keras'}",
+    ]
+    assert "names Python module" in lines[1]
+    for line in lines:
+        assert line.endswith('zoo.toml: [aliases] CustomDepthwiseConv2D = "DepthwiseConv2D"')
     report = json.loads((out / "report.json").read_text())
     assert [c["name"] for c in report["classifiers"]] == ["stock"]
 

@@ -41,7 +41,13 @@ def load_keras_model(graph: Graph) -> Any:
         reason = f"{flavour} cannot load the model: {_first_line(exc)}"
         raise ConversionError(path, reason) from None
     aliased = _apply_aliases(config, graph.aliases)
-    refuse_foreign_code(path, config, names)
+    try:
+        refuse_foreign_code(path, config, names)
+    except ConversionError as exc:  # a patched Keras class, saved with its own module?
+        unknown = _foreign_class(config, k)
+        if unknown is None:
+            raise
+        raise ConversionError(path, f"{exc.reason}; {_alias_hint(unknown, k)}") from None
     archive = is_archive(Path(path))
     # Keras tells a .keras archive by its name, coreml-split by its content
     misnamed = archive != (Path(path).suffix.lower() == ".keras")
@@ -456,6 +462,22 @@ def _alias_hint(class_name: str, k: Any) -> str:
         f"if it is a Keras layer saved under another name, say which in zoo.toml: "
         f'[aliases] {class_name} = "{target}"'
     )
+
+
+def _foreign_class(config: Any, k: Any) -> str | None:
+    """The first layer class in ``config`` that names a module outside Keras and is a Keras
+    layer's name with something before it (CustomDepthwiseConv2D): worth an alias."""
+    if isinstance(config, list):
+        return next((c for c in map(lambda v: _foreign_class(v, k), config) if c), None)
+    if not isinstance(config, dict):
+        return None
+    name, module = config.get("class_name"), config.get("module")
+    if isinstance(name, str) and isinstance(config.get("config"), dict):
+        foreign = not (isinstance(module, str) and _is_keras_module(module))
+        keras_own = isinstance(getattr(k.layers, name, None), type)
+        if foreign and not keras_own and "<KerasClass>" not in _alias_hint(name, k):
+            return name
+    return next((c for c in map(lambda v: _foreign_class(v, k), config.values()) if c), None)
 
 
 def _apply_aliases(config: Any, aliases: dict[str, str]) -> bool:
