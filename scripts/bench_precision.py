@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -212,25 +211,17 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(apple), flush=True)
         count = len(list(zoo.glob("*.h5")))
         sections += table(f"{zoo_name}: {count} classifiers", rows, apple) + [""]
-    text = "\n".join(
-        [
-            f"### {SECTION} ({time.strftime('%Y-%m-%d')})",
-            "",
-            f"`scripts/bench_precision.py --heads {args.heads}`, one run "
-            f"({time.perf_counter() - started:.0f} s); {os.cpu_count()} cores, "
-            f"{platform.machine()}. Fidelity: Keras against the reference evaluator on the "
-            "natural photographs of scikit-image, resized to the input.",
-            "",
-            *sections,
-        ]
-    )
-    print(text)
-    if not args.no_write:
-        from bench_reference import _write_section
+    from bench_reference import publish
 
-        _write_section(args.markdown, SECTION, text + "\n")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    lead = (
+        f"`scripts/bench_precision.py --heads {args.heads}`, one run "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    prose = (
+        "Fidelity: Keras against the reference evaluator on the natural photographs of "
+        "scikit-image, resized to the input."
+    )
+    publish(args, SECTION, lead, prose, sections, work)
     return 0
 
 

