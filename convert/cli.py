@@ -456,7 +456,7 @@ def _convert_command(plan, graphs, manifest, sources, args, out, err) -> int:
             plan,
             graphs,
             args.out,
-            shown.say if show else None,
+            shown.say,  # says nothing with --quiet or --json
             manifest,
             args.jobs,
             sources,

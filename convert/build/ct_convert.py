@@ -153,7 +153,7 @@ def _with_std(fn: Any, std: tuple[float, float, float] | None) -> Any:
 def _image_in(graph: Any, fn: Any) -> Any:
     """``fn`` fed the (1, H, W, C) image: a model declared (None, H, W) gets it without the
     channel axis (it is grayscale, one channel)."""
-    if len(graph.tensors[graph.inputs[0]].shape or ()) != 3:
+    if not graph.channel_less_input:
         return fn
     tf = tensorflow()
     return lambda x: fn(tf.reshape(x, x.shape[:-1]))

@@ -168,7 +168,7 @@ def _network(
     try:
         if feature_shape is None:
             first = image_std(e, pre, Blob(IMAGE, [1, c, h, w], True))
-            if len(graph.tensors[start].shape or ()) == 3:  # (None, H, W): grayscale, no channel
+            if graph.channel_less_input:  # (None, H, W): grayscale, no channel axis
                 e.use(first)
                 first = e.add(
                     "image/channel_dropped",

@@ -447,17 +447,22 @@ _UNKNOWN_CLASS = re.compile(
 )
 
 
-def _alias_hint(class_name: str, k: Any) -> str:
-    """How to tell coreml-split which Keras class ``class_name`` is: the Keras layer whose name
-    ends it (CustomDepthwiseConv2D -> DepthwiseConv2D), if any."""
-    target = next(
+def _keras_suffix(class_name: str, k: Any) -> str | None:
+    """The longest Keras layer name that ends ``class_name`` after a capital
+    (CustomDepthwiseConv2D -> DepthwiseConv2D), if any."""
+    return next(
         (
             class_name[i:]
             for i in range(1, len(class_name))
             if class_name[i].isupper() and isinstance(getattr(k.layers, class_name[i:], None), type)
         ),
-        "<KerasClass>",
+        None,
     )
+
+
+def _alias_hint(class_name: str, k: Any) -> str:
+    """How to tell coreml-split which Keras class ``class_name`` is."""
+    target = _keras_suffix(class_name, k) or "<KerasClass>"
     return (
         f"if it is a Keras layer saved under another name, say which in zoo.toml: "
         f'[aliases] {class_name} = "{target}"'
@@ -475,7 +480,7 @@ def _foreign_class(config: Any, k: Any) -> str | None:
     if isinstance(name, str) and isinstance(config.get("config"), dict):
         foreign = not (isinstance(module, str) and _is_keras_module(module))
         keras_own = isinstance(getattr(k.layers, name, None), type)
-        if foreign and not keras_own and "<KerasClass>" not in _alias_hint(name, k):
+        if foreign and not keras_own and _keras_suffix(name, k):
             return name
     return next((c for c in map(lambda v: _foreign_class(v, k), config.values()) if c), None)
 

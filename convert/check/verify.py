@@ -221,7 +221,7 @@ def keras_probabilities(
     if learned:
         set_dense_weights(model, learned, source)
     x = PREPROCESSING[preprocessing].apply(images)
-    if len(graph.tensors[graph.inputs[0]].shape or ()) == 3:  # (None, H, W): grayscale
+    if graph.channel_less_input:  # (None, H, W): grayscale
         x = x[..., 0]
     try:
         outs = [

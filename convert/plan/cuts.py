@@ -31,7 +31,7 @@ def image_input_shape(graph: Graph) -> list[int]:
     if len(graph.inputs) != 1:
         raise ModelFileError(graph.source, f"has {len(graph.inputs)} inputs; expected one image")
     shape = graph.tensors[graph.inputs[0]].shape
-    if shape is not None and len(shape) == 3:
+    if graph.channel_less_input:
         shape = (*shape, 1)
     if shape is None or len(shape) != 4 or shape[3] not in (1, 3):
         raise ModelFileError(

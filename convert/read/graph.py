@@ -133,6 +133,12 @@ class Graph:
     aliases: dict[str, str] = field(default_factory=dict)
 
     @property
+    def channel_less_input(self) -> bool:
+        """Whether the (first) input is (None, H, W): a grayscale image without a channel axis
+        (MNIST's 28 x 28), which Core ML's image gives as (1, H, W, 1)."""
+        return bool(self.inputs) and len(self.tensors[self.inputs[0]].shape or ()) == 3
+
+    @property
     def keras_major(self) -> int:
         head = self.keras_version.split(".", 1)[0]
         return int(head) if head.isdigit() else 2
